@@ -1,0 +1,274 @@
+"""Command-line interface: a thin layer that turns flags into calls of the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from headstart.errors import HeadstartError
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="folder with train/ and val/ class subfolders, or one class tree")
+    p.add_argument("--output", "-o", default=None, help="run folder (default: runs/NAME-STRATEGY)")
+    p.add_argument("--val", default=None, help="separate validation folder of class subfolders")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="validation share when DATA is one class tree (stratified, seeded)",
+    )
+    _model_args(p)
+    p.add_argument("--head", default="linear", help="linear | binary | mlp:H1,H2 (e.g. mlp:512,256)")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout before head layers")
+    g = p.add_argument_group("optimisation")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="default by strategy: extract 30, finetune 8, full 8, scratch 15",
+    )
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="head learning rate (default by strategy: 1e-3; full 3e-4; scratch 3e-3)",
+    )
+    g.add_argument(
+        "--backbone-lr-mult",
+        type=float,
+        default=0.1,
+        help="backbone lr = lr x this when fine-tuning",
+    )
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--schedule", choices=["cosine", "step", "none"], default="cosine")
+    g.add_argument("--step-size", type=int, default=None, help="epochs per x0.1 for --schedule step")
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--class-weights", choices=["none", "balanced"], default="none")
+    g.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="early stop after this many epochs without val improvement",
+    )
+    a = p.add_argument_group("augmentation (training images)")
+    a.add_argument(
+        "--crop-scale", type=float, default=0.08, help="smallest area fraction of RandomResizedCrop"
+    )
+    a.add_argument("--no-hflip", action="store_true", help="no horizontal flips")
+    a.add_argument("--vflip", action="store_true", help="also flip vertically (e.g. satellite)")
+    a.add_argument("--rotation", type=float, default=0.0, help="max rotation in degrees")
+    a.add_argument("--color-jitter", type=float, default=0.0, help="brightness/contrast/saturation")
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    r.add_argument("--workers", type=int, default=None, help="DataLoader processes (default: cores-1)")
+    r.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.05,
+        help="stop if more than this share of images cannot be read",
+    )
+    r.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backbone",
+        "-b",
+        default="efficientnet_lite0",
+        help="efficientnet_lite0/1/2 (embedded), tv:NAME, timm:NAME, hf:ORG/REPO",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="weights FILE (.safetensors/.pth), or 'none' for random init",
+    )
+    p.add_argument(
+        "--strategy",
+        "-s",
+        default="extract",
+        choices=["extract", "linear-probe", "finetune", "full", "scratch"],
+    )
+    p.add_argument("--unfreeze", type=int, default=2, help="finetune: number of last block groups to train")
+    p.add_argument(
+        "--unfreeze-pattern",
+        action="append",
+        default=[],
+        help="finetune: also train modules whose name matches this regex (repeatable)",
+    )
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    """headstart train."""
+    from headstart.data import Augment
+    from headstart.train import train
+
+    output = a.output or os.path.join("runs", f"{os.path.basename(os.path.normpath(a.data))}-{a.strategy}")
+    result = train(
+        a.data,
+        output=output,
+        val=a.val,
+        val_fraction=a.val_fraction,
+        backbone=a.backbone,
+        weights=a.weights,
+        strategy=a.strategy,
+        unfreeze=a.unfreeze,
+        unfreeze_patterns=tuple(a.unfreeze_pattern),
+        head=a.head,
+        dropout=a.dropout,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        backbone_lr_mult=a.backbone_lr_mult,
+        weight_decay=a.weight_decay,
+        optimizer=a.optimizer,
+        momentum=a.momentum,
+        schedule=a.schedule,
+        step_size=a.step_size,
+        label_smoothing=a.label_smoothing,
+        class_weights=a.class_weights,
+        patience=a.patience,
+        seed=a.seed,
+        device=a.device,
+        num_workers=a.workers,
+        max_bad_fraction=a.max_bad_fraction,
+        overwrite=a.overwrite,
+        augment=Augment(
+            crop_scale=a.crop_scale,
+            hflip=not a.no_hflip,
+            vflip=a.vflip,
+            rotation=a.rotation,
+            color_jitter=a.color_jitter,
+        ),
+    )
+    r = result.results
+    print(
+        f"val_accuracy={r['val_accuracy']:.4f} val_loss={r['val_loss']:.4f} "
+        f"best_epoch={r['best_epoch']} frozen_tensors_changed={r['frozen_tensors_changed']} "
+        f"train_seconds={r['train_seconds']:.1f} run={result.run_dir}"
+    )
+    return 0
+
+
+def cmd_summary(a: argparse.Namespace) -> int:
+    """headstart summary."""
+    from headstart.summary import summarize
+
+    print(summarize(a.backbone, strategy=a.strategy, unfreeze=a.unfreeze,
+                    patterns=tuple(a.unfreeze_pattern), weights=a.weights,
+                    num_classes=a.num_classes, depth=a.depth))  # fmt: skip
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    """headstart evaluate."""
+    from headstart.evaluate import evaluate
+
+    r = evaluate(a.run, data=a.data, device=a.device, batch_size=a.batch_size,
+                 num_workers=a.workers)  # fmt: skip
+    print(f"accuracy={r['accuracy']:.4f} loss={r['loss']:.4f} images={r['num_images']}")
+    width = max(len(c) for c in r["per_class"]) + 2
+    print(f"{'class':<{width}}precision  recall  f1      support")
+    for c, m in r["per_class"].items():
+        print(f"{c:<{width}}{m['precision']:<11.4f}{m['recall']:<8.4f}{m['f1']:<8.4f}{m['support']}")
+    cm = r["confusion_matrix"]
+    print("confusion matrix (rows true, cols predicted):", json.dumps(cm["rows_true_cols_pred"]))
+    if r["skipped_files"]:
+        print(f"skipped {len(r['skipped_files'])} unreadable files (see evaluation.json)")
+    print(f"wrote {os.path.join(a.run, 'evaluation.json')} and confusion_matrix.png")
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    """headstart predict."""
+    from headstart.predict import load, write_csv
+
+    predictor = load(a.run, device=a.device)
+    preds = predictor.iter_predict(a.inputs, top_k=a.top_k, batch_size=a.batch_size,
+                                   num_workers=a.workers, progress=bool(a.csv))  # fmt: skip
+    if a.csv:
+        n = write_csv(preds, a.csv, a.top_k)
+        print(f"wrote {n} rows to {a.csv}")
+        return 0
+    for p in preds:
+        if p.error:
+            print(f"{p.path}\tERROR\t{p.error}")
+        else:
+            pairs = "\t".join(f"{lab}\t{pr:.4f}" for lab, pr in zip(p.labels, p.probabilities, strict=True))
+            print(f"{p.path}\t{pairs}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="headstart",
+        description="Transfer learning on image folders: feature extraction and fine-tuning.",
+    )
+    from headstart import __version__
+
+    parser.add_argument("--version", action="version", version=f"headstart {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model on an image folder")
+    _train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("summary", help="layers, output shapes, params, trainable/frozen")
+    p.add_argument("backbone", nargs="?", default="efficientnet_lite0")
+    p.add_argument("--weights", default=None, help="weights FILE, or 'none'")
+    p.add_argument(
+        "--strategy",
+        "-s",
+        default=None,
+        choices=["extract", "linear-probe", "finetune", "full", "scratch"],
+        help="show the model after freezing for this strategy",
+    )
+    p.add_argument("--unfreeze", type=int, default=2)
+    p.add_argument("--unfreeze-pattern", action="append", default=[])
+    p.add_argument("--num-classes", type=int, default=2, help="classes of the head shown")
+    p.add_argument("--depth", type=int, default=3, help="module nesting depth of the table")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("evaluate", help="metrics and confusion matrix of a trained run")
+    p.add_argument("run", help="run folder made by `headstart train`")
+    p.add_argument("--data", default=None, help="folder to evaluate on (default: the run's val split)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict labels for images or folders")
+    p.add_argument("run", help="run folder made by `headstart train`")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--csv", default=None, help="write rows path,label,probability,... to this file")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a subcommand; user errors become one paragraph and an exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except HeadstartError as e:
+        print(f"headstart: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("headstart: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Freezing, unfreezing, the BatchNorm policy and the frozen proof.
+
+Policy: a frozen BatchNorm layer stays in eval mode while the rest of the model trains, so its
+running statistics never move (unlike `track_running_stats=False`, which would normalise with
+batch statistics). The frozen proof checksums every frozen tensor, parameters and BN buffers,
+before and after training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from headstart.errors import ConfigError, FrozenTensorChanged
+
+STRATEGIES = ("extract", "linear-probe", "finetune", "full", "scratch")
+_FROZEN = "_headstart_frozen"
+
+
+def freeze(module: nn.Module) -> None:
+    """Stop gradients for every parameter of `module` and mark it (and its BN layers) frozen."""
+    for m in module.modules():
+        setattr(m, _FROZEN, True)
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def make_trainable(module: nn.Module) -> None:
+    """Undo `freeze` for `module` and everything inside it."""
+    for m in module.modules():
+        setattr(m, _FROZEN, False)
+    for p in module.parameters():
+        p.requires_grad_(True)
+
+
+def is_frozen_bn(m: nn.Module) -> bool:
+    """A BN layer is frozen when marked so, or when it has parameters and none of them train."""
+    if not isinstance(m, _BatchNorm):
+        return False
+    params = list(m.parameters(recurse=False))
+    if params:
+        return not any(p.requires_grad for p in params)
+    return bool(getattr(m, _FROZEN, False))
+
+
+def keep_frozen_bn_eval(model: nn.Module) -> int:
+    """Put every frozen BN layer in eval mode (call after `model.train()`); returns how many."""
+    n = 0
+    for m in model.modules():
+        if is_frozen_bn(m):
+            m.eval()
+            n += 1
+    return n
+
+
+def apply_strategy(
+    model: nn.Module,
+    strategy: str,
+    *,
+    unfreeze: int = 2,
+    patterns: Sequence[str] = (),
+) -> list[str]:
+    """Freeze `model.backbone` per strategy; returns the names of the unfrozen backbone modules.
+
+    extract / linear-probe: whole backbone frozen. finetune: the last `unfreeze` block groups (and
+    modules whose names match any regex in `patterns`) train. full / scratch: everything trains.
+    The head always trains.
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"Unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
+    backbone, head = model.backbone, model.head
+    make_trainable(head)
+    if strategy in ("full", "scratch"):
+        make_trainable(backbone)
+        return ["<all>"]
+    freeze(backbone)
+    if strategy != "finetune":
+        return []
+    groups = backbone.block_groups()
+    if unfreeze < 0 or unfreeze > len(groups):
+        raise ConfigError(
+            f"--unfreeze {unfreeze} is out of range: {backbone.config.name} has {len(groups)} "
+            f"block groups (0 to {len(groups)})."
+        )
+    if unfreeze == 0 and not patterns:
+        raise ConfigError(
+            "finetune with --unfreeze 0 and no --unfreeze-pattern trains nothing of the "
+            "backbone; use --strategy extract, or unfreeze at least one group."
+        )
+    names = [n for g in groups[len(groups) - unfreeze :] for n in g] if unfreeze else []
+    names += matching_modules(backbone, patterns)
+    for n in dict.fromkeys(names):
+        make_trainable(backbone.get_submodule(n))
+    return list(dict.fromkeys(names))
+
+
+def matching_modules(module: nn.Module, patterns: Iterable[str]) -> list[str]:
+    """Names of submodules that match any regex; a pattern that matches nothing is an error."""
+    out = []
+    all_names = [n for n, _ in module.named_modules() if n]
+    for pat in patterns:
+        try:
+            rx = re.compile(pat)
+        except re.error as e:
+            raise ConfigError(f"--unfreeze-pattern {pat!r} is not a valid regex: {e}") from e
+        hits = [n for n in all_names if rx.search(n)]
+        if not hits:
+            raise ConfigError(
+                f"--unfreeze-pattern {pat!r} matches no module of the backbone. Module names "
+                f"look like: {', '.join(all_names[-5:])} (see `headstart summary`)."
+            )
+        out += hits
+    return out
+
+
+def compact_names(names: Sequence[str]) -> list[str]:
+    """Module names shortened to their block: body.blocks.5.0.conv_pw -> blocks.5."""
+    out = []
+    for n in names:
+        parts = n.removeprefix("body.").split(".")
+        keep = next((i + 1 for i, p in enumerate(parts[:3]) if p.isdigit()), 1)
+        out.append(".".join(parts[:keep]))
+    return list(dict.fromkeys(out))
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    t = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    f = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return t, f
+
+
+# ----------------------------------------------------------------------------- frozen proof
+
+
+def _checksum(t: torch.Tensor) -> str:
+    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
+
+
+def frozen_tensor_names(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(frozen, trainable) tensor names: parameters by requires_grad, BN buffers by BN policy."""
+    frozen, trainable = [], []
+    for name, p in model.named_parameters():
+        (trainable if p.requires_grad else frozen).append(name)
+    for mname, m in model.named_modules():
+        if isinstance(m, _BatchNorm):
+            for bname, _ in m.named_buffers(recurse=False):
+                full = f"{mname}.{bname}" if mname else bname
+                (frozen if is_frozen_bn(m) else trainable).append(full)
+    return frozen, trainable
+
+
+@dataclass
+class FrozenProof:
+    """Checksums of every tensor taken before training, compared after it."""
+
+    frozen: dict[str, str]
+    trainable: dict[str, str]
+
+    @classmethod
+    def take(cls, model: nn.Module) -> FrozenProof:
+        """Checksum every frozen and trainable tensor now."""
+        frozen, trainable = frozen_tensor_names(model)
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        return cls(
+            frozen={n: _checksum(tensors[n]) for n in frozen},
+            trainable={n: _checksum(tensors[n]) for n in trainable},
+        )
+
+    def verify(self, model: nn.Module, *, raise_on_change: bool = True) -> dict:
+        """Compare with `model` now; raise FrozenTensorChanged if any frozen tensor moved."""
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        changed = [n for n, c in self.frozen.items() if _checksum(tensors[n]) != c]
+        moved = sum(_checksum(tensors[n]) != c for n, c in self.trainable.items())
+        report = {
+            "frozen_tensors_checked": len(self.frozen),
+            "frozen_tensors_changed": len(changed),
+            "trainable_tensors_checked": len(self.trainable),
+            "trainable_tensors_changed": int(moved),
+            "changed_frozen_names": changed[:20],
+        }
+        if changed and raise_on_change:
+            raise FrozenTensorChanged(
+                f"Frozen proof failed: {len(changed)} of {len(self.frozen)} frozen tensors "
+                f"changed during training (e.g. {', '.join(changed[:3])}). Something trained "
+                "or updated statistics of a layer that was meant to stay frozen; the run is "
+                "not trustworthy."
+            )
+        return report

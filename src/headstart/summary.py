@@ -1,0 +1,64 @@
+"""`headstart summary`: a torchinfo table with trainable/frozen per layer, and totals."""
+
+from __future__ import annotations
+
+from headstart.backbones import create_backbone
+from headstart.freezing import apply_strategy, compact_names, count_params
+from headstart.heads import HeadSpec
+
+
+def summarize(
+    backbone: str,
+    *,
+    strategy: str | None = None,
+    unfreeze: int = 2,
+    patterns: tuple[str, ...] = (),
+    weights: str | None = None,
+    num_classes: int = 2,
+    depth: int = 3,
+) -> str:
+    """The table for a bare backbone, or for backbone + head after freezing for `strategy`."""
+    from torchinfo import summary
+
+    from headstart.model import TransferModel
+
+    bb = create_backbone(backbone, weights="none" if strategy == "scratch" else weights)
+    size = bb.config.input_size
+    lines = [
+        f"backbone {bb.config.name} ({bb.config.source}: {bb.config.arch}), weights: {bb.config.weights}",
+        f"input {size}x{size}, mean {bb.config.mean}, std {bb.config.std}, "
+        f"{bb.config.interpolation}, crop {bb.config.crop_pct:.3f}; features {bb.feature_dim}",
+    ]
+    groups = bb.block_groups()
+    lines.append(
+        f"{len(groups)} block groups for --unfreeze N (last first): "
+        + ", ".join(_group_label(g) for g in reversed(groups))
+    )
+    if strategy is None:
+        module = bb
+    else:
+        model = TransferModel.build(bb, HeadSpec(), [f"class{i}" for i in range(num_classes)])
+        unfrozen = apply_strategy(model, strategy, unfreeze=unfreeze, patterns=patterns)
+        lines.append(f"strategy {strategy}: unfrozen backbone modules: {compact_names(unfrozen) or 'none'}")
+        module = model
+    stats = summary(
+        module,
+        input_size=(1, 3, size, size),
+        col_names=("output_size", "num_params", "trainable"),
+        depth=depth,
+        row_settings=("var_names",),
+        verbose=0,
+        device="cpu",
+    )
+    trainable, frozen = count_params(module)
+    lines += [
+        str(stats),
+        f"trainable params: {trainable:,}   frozen params: {frozen:,}   total: {trainable + frozen:,}",
+    ]
+    return "\n".join(lines)
+
+
+def _group_label(names: list[str]) -> str:
+    first = names[0].removeprefix("body.")
+    head = first.split(".")[0] + ("." + first.split(".")[1] if first.startswith("blocks") else "")
+    return head if len(names) == 1 else f"{head}(+{len(names) - 1})"
