@@ -13,7 +13,15 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# ../shared/data beside the project (CI and clones); HEADSTART_DATA overrides; a parent's
+# shared/data is found too, so git worktrees nested deeper still reach it.
+SHARED_DATA = Path(
+    os.environ.get("HEADSTART_DATA")
+    or next(
+        (p / "shared" / "data" for p in ROOT.parents if (p / "shared" / "data").is_dir()),
+        ROOT.parent / "shared" / "data",
+    )
+)
 HYMENOPTERA = SHARED_DATA / "hymenoptera_data"
 NETBLOCK = Path(__file__).parent / "netblock"
 # A tiny timm model (~100k params, random init) keeps unit tests fast.
