@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from headstart.backbones import Backbone
@@ -35,10 +36,13 @@ def extract_features(
     num_workers: int | None = None,
     draft: int | None = None,
     desc: str = "extract",
+    subset=None,
 ) -> Features:
-    """Run the backbone once over `items` in eval mode and return pooled features."""
+    """Run the backbone once over `items` (or the indices in `subset`) in eval mode."""
     backbone.eval()
     ds = ImageDataset(items, transform, draft=draft)
+    if subset is not None:
+        ds = Subset(ds, list(subset))
     loader = make_loader(
         ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
         pin_memory=device.type == "cuda",

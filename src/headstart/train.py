@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 import platform
 import random
 import sys
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from headstart import __version__
@@ -39,8 +41,16 @@ from headstart.data import (
     train_transform,
 )
 from headstart.device import autocast_for, configure_threads, pick_device, to_device
+from headstart.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_sum,
+    barrier,
+    init_distributed,
+    shard,
+)
 from headstart.errors import ConfigError, DataError, TrainingDiverged
-from headstart.features import extract_features
+from headstart.features import Features, extract_features
 from headstart.freezing import (
     STRATEGIES,
     FrozenProof,
@@ -169,14 +179,19 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
         return run_linear_probe(cfg)
     t_start = time.perf_counter()
-    out = prepare_output(cfg.output, overwrite=cfg.overwrite)
+    device = pick_device(cfg.device)
+    dist = init_distributed(device.type)  # torchrun: one process per device, rank 0 writes
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    out = prepare_output(cfg.output, overwrite=cfg.overwrite) if dist.is_main else Path(cfg.output)
+    barrier(dist)
     seed_everything(cfg.seed)
     threads = configure_threads()
-    device = pick_device(cfg.device)
 
     # --- data
     split = resolve_data(cfg.data, val=cfg.val, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    write_json(out / SPLIT, split.to_dict())
+    if dist.is_main:
+        write_json(out / SPLIT, split.to_dict())
 
     # --- model: backbone (pretrained unless scratch), new head, freezing, frozen proof
     weights = "none" if cfg.strategy == "scratch" else cfg.weights
@@ -193,7 +208,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         f"({trainable_params:,} trainable / {frozen_params:,} frozen params), "
         f"head {head_spec.describe(backbone.feature_dim, len(split.classes))}, "
         f"{len(split.train)} train / {len(split.val)} val images, {len(split.classes)} classes, "
-        f"device {device}, {threads} threads"
+        f"device {device}, {threads} threads" + (f", {dist.world} processes" if dist.enabled else "")
     )
 
     class_w = class_weight_tensor(split, cfg.class_weights)
@@ -205,7 +220,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     if cfg.strategy == "extract":
         net: nn.Module = model.head
         train_ds, val_ds, bad, timings["extract_seconds"] = _feature_datasets(
-            backbone, split, pp, cfg, device
+            backbone, split, pp, cfg, device, dist
         )
         check_bad_fraction(bad, split, cfg.max_bad_fraction)
         skipped += bad
@@ -217,14 +232,20 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         val_ds = ImageDataset(split.val, eval_transform(pp), draft=draft)
         workers = cfg.num_workers
     pin = device.type == "cuda"
+    # Each rank trains on its DistributedSampler share (--batch-size is per process) and
+    # validates a strided share of val; sums are all-reduced, so metrics cover every image once.
+    sampler = DistributedSampler(train_ds, seed=cfg.seed) if dist.enabled else None
+    per_rank = len(train_ds) // dist.world
     train_loader = make_loader(
-        train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
-        seed=cfg.seed, pin_memory=pin, drop_last=len(train_ds) > cfg.batch_size,
+        train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+        num_workers=workers, seed=cfg.seed, pin_memory=pin, drop_last=per_rank > cfg.batch_size,
     )  # fmt: skip
     val_loader = make_loader(
-        val_ds, batch_size=max(cfg.batch_size, 64), shuffle=False, num_workers=workers,
-        pin_memory=pin,
+        Subset(val_ds, shard(list(range(len(val_ds))), dist)), batch_size=max(cfg.batch_size, 64),
+        shuffle=False, num_workers=workers, pin_memory=pin,
     )  # fmt: skip
+    if dist.enabled:
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(train_loader))
 
@@ -233,7 +254,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     best = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None}
     bad_files: dict[str, str] = {}
     t_train = time.perf_counter()
-    with open(out / METRICS, "w", newline="") as fcsv:
+    with open(out / METRICS if dist.is_main else os.devnull, "w", newline="") as fcsv:
         writer = csv.DictWriter(
             fcsv, ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
         )
@@ -241,11 +262,13 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
             lr_now = optimizer.param_groups[0]["lr"]
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             tr = run_epoch(net, train_loader, loss_fn, device, head_spec.kind,
                            optimizer=optimizer, scheduler=scheduler, items=split.train,
-                           bad_files=bad_files, desc=f"epoch {epoch}/{cfg.epochs}")  # fmt: skip
+                           bad_files=bad_files, desc=f"epoch {epoch}/{cfg.epochs}", dist=dist)  # fmt: skip
             va = run_epoch(net, val_loader, loss_fn, device, head_spec.kind,
-                           items=split.val, bad_files=bad_files, desc="val")  # fmt: skip
+                           items=split.val, bad_files=bad_files, desc="val", dist=dist)  # fmt: skip
             if epoch == 1 and cfg.strategy != "extract":
                 check_bad_fraction([Skipped(p, r) for p, r in bad_files.items()], split, cfg.max_bad_fraction)
             row = {
@@ -280,7 +303,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     model.load_state_dict(best["state"], strict=False)
     frozen_report = proof.verify(model)
     skipped += [Skipped(p, r) for p, r in bad_files.items()]
-    save_model(out, model, pp, strategy=cfg.strategy)
+    if dist.is_main:
+        save_model(out, model, pp, strategy=cfg.strategy)
     results = {
         "val_accuracy": best["val_acc"],
         "val_loss": best["val_loss"],
@@ -301,8 +325,12 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         "classes": split.classes,
         "skipped_files": [s.to_dict() for s in skipped],
     }
-    write_json(out / RESULTS, results)
-    write_json(out / CONFIG, run_config(cfg, device))
+    if dist.enabled:
+        results["world_size"] = dist.world
+    if dist.is_main:
+        write_json(out / RESULTS, results)
+        write_json(out / CONFIG, run_config(cfg, device) | {"world_size": dist.world})
+    barrier(dist)
     log(
         f"done: val accuracy {results['val_accuracy']:.4f} (epoch {results['best_epoch']}), "
         f"frozen tensors changed {results['frozen_tensors_changed']}/"
@@ -326,13 +354,14 @@ def run_epoch(
     items: list[tuple[str, int]] | None = None,
     bad_files: dict[str, str] | None = None,
     desc: str = "",
+    dist: DistInfo = DistInfo(),
 ) -> dict:
     """One pass over `loader`; trains when an optimizer is given. Returns mean loss and accuracy."""
     training = optimizer is not None
     net.train(training)
     total_loss, correct, seen = 0.0, 0, 0
     grad = torch.enable_grad() if training else torch.inference_mode()
-    bar = tqdm(loader, desc=desc, leave=False, disable=None, unit="batch")
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if dist.is_main else True, unit="batch")
     with grad:
         for batch in bar:
             batch: Batch
@@ -363,7 +392,8 @@ def run_epoch(
             seen += n
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
     bar.close()
-    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "n": seen}
+    total_loss, correct, seen = all_sum([total_loss, correct, seen], dist, device)
+    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "n": int(seen)}
 
 
 def predict_labels(logits: torch.Tensor, head_kind: str) -> torch.Tensor:
@@ -389,12 +419,27 @@ class _FeatureDataset(Dataset):
         return self.x[i], int(self.y[i]), int(self.index[i]), None
 
 
-def _feature_datasets(backbone, split: DataSplit, pp: Preprocess, cfg: TrainConfig, device):
-    """Features of train and val (un-augmented views) computed once."""
+def _feature_datasets(backbone, split: DataSplit, pp: Preprocess, cfg: TrainConfig, device, dist):
+    """Features of train and val (un-augmented views) computed once; ranks share the work."""
     tf = eval_transform(pp)
     kw = dict(device=device, batch_size=64, num_workers=cfg.num_workers, draft=pp.resize_size)
-    ftr = extract_features(backbone, split.train, tf, desc="features train", **kw)
-    fva = extract_features(backbone, split.val, tf, desc="features val", **kw)
+    ftr = gather_features(
+        extract_features(
+            backbone,
+            split.train,
+            tf,
+            desc="features train",
+            subset=shard(range(len(split.train)), dist),
+            **kw,
+        ),
+        dist,
+    )
+    fva = gather_features(
+        extract_features(
+            backbone, split.val, tf, desc="features val", subset=shard(range(len(split.val)), dist), **kw
+        ),
+        dist,
+    )
     secs = ftr.seconds + fva.seconds
     n = len(ftr.y) + len(fva.y)
     log(f"features: {n} images in {secs:.1f}s ({n / max(secs, 1e-9):.1f} img/s)")
@@ -404,6 +449,22 @@ def _feature_datasets(backbone, split: DataSplit, pp: Preprocess, cfg: TrainConf
         _FeatureDataset(fva.x, fva.y, fva.index),
         ftr.failed + fva.failed,
         secs,
+    )
+
+
+def gather_features(f: Features, dist: DistInfo) -> Features:
+    """Join every rank's share of the features, back in item order."""
+    if not dist.enabled:
+        return f
+    parts = all_gather_objects(f, dist)
+    index = torch.cat([p.index for p in parts])
+    order = torch.argsort(index)
+    return Features(
+        x=torch.cat([p.x for p in parts])[order],
+        y=torch.cat([p.y for p in parts])[order],
+        index=index[order],
+        failed=[s for p in parts for s in p.failed],
+        seconds=max(p.seconds for p in parts),
     )
 
 
@@ -518,5 +579,6 @@ def run_config(cfg: TrainConfig, device: torch.device) -> dict:
 
 
 def log(msg: str) -> None:
-    """One clean line per event on stderr (progress bars only when it is a terminal)."""
-    tqdm.write(msg, file=sys.stderr)
+    """One clean line per event on stderr (progress bars only when it is a terminal); rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        tqdm.write(msg, file=sys.stderr)
