@@ -28,6 +28,12 @@ NETBLOCK = Path(__file__).parent / "netblock"
 TINY = "timm:test_efficientnet"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_feature_cache(tmp_path_factory):
+    """The suite never reads or fills the user's feature cache."""
+    os.environ["HEADSTART_CACHE"] = str(tmp_path_factory.mktemp("feature-cache"))
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Every test runs with outgoing connections refused (loopback allowed for local servers)."""

@@ -75,6 +75,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="stop if more than this share of images cannot be read",
     )
     r.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+    r.add_argument(
+        "--cache-dir", default=None, help="feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart)"
+    )
+    r.add_argument("--no-cache", action="store_true", help="compute features without the disk cache")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -139,6 +143,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         num_workers=a.workers,
         max_bad_fraction=a.max_bad_fraction,
         overwrite=a.overwrite,
+        cache_dir=a.cache_dir,
+        cache=not a.no_cache,
         augment=Augment(
             crop_scale=a.crop_scale,
             hflip=not a.no_hflip,

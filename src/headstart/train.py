@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from headstart import __version__
 from headstart.backbones import DEFAULT_BACKBONE, create_backbone
+from headstart.cache import FeatureCache, default_cache_dir, model_key, weights_checksum
 from headstart.data import (
     Augment,
     Batch,
@@ -100,6 +101,8 @@ class TrainConfig:
     augment: Augment = field(default_factory=Augment)
     max_bad_fraction: float = 0.05
     overwrite: bool = False
+    cache_dir: str | None = None
+    cache: bool = True
 
     def resolved(self) -> TrainConfig:
         """Fill strategy-dependent defaults and check values; raises ConfigError."""
@@ -219,7 +222,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     skipped = list(split.skipped)
     if cfg.strategy == "extract":
         net: nn.Module = model.head
-        train_ds, val_ds, bad, timings["extract_seconds"] = _feature_datasets(
+        train_ds, val_ds, bad, timings["extract_seconds"], feature_stats = feature_datasets(
             backbone, split, pp, cfg, device, dist
         )
         check_bad_fraction(bad, split, cfg.max_bad_fraction)
@@ -312,6 +315,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         "epochs_run": len(metrics),
         "train_seconds": round(time.perf_counter() - t_start, 3),
         **{k: round(v, 3) for k, v in timings.items()},
+        **(feature_stats if cfg.strategy == "extract" else {}),
         "strategy": cfg.strategy,
         "backbone": backbone.config.name,
         "head": head_spec.describe(backbone.feature_dim, len(split.classes)),
@@ -416,13 +420,33 @@ class _FeatureDataset(Dataset):
         return len(self.y)
 
     def __getitem__(self, i: int):
-        return self.x[i], int(self.y[i]), int(self.index[i]), None
+        return self.x[i].float(), int(self.y[i]), int(self.index[i]), None
 
 
-def _feature_datasets(backbone, split: DataSplit, pp: Preprocess, cfg: TrainConfig, device, dist):
-    """Features of train and val (un-augmented views) computed once; ranks share the work."""
+def open_cache(cfg: TrainConfig, backbone, pp: Preprocess, views: str = "eval") -> FeatureCache | None:
+    """The feature cache for this backbone's exact weights and preprocessing (None if disabled)."""
+    if not cfg.cache:
+        return None
+    spec = {
+        "backbone": backbone.config.name,
+        "arch": backbone.config.arch,
+        "weights": weights_checksum(backbone),
+        "preprocess": pp.to_dict(),
+        "views": views,
+    }
+    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return FeatureCache(root, model_key(spec), spec)
+
+
+def feature_datasets(backbone, split: DataSplit, pp: Preprocess, cfg: TrainConfig, device, dist):
+    """Features of train and val (un-augmented views), from the cache or computed once.
+
+    Ranks of a torchrun job each extract a strided share, then gather. Returns the two datasets,
+    the files that failed, the seconds spent and cache statistics for results.json.
+    """
     tf = eval_transform(pp)
-    kw = dict(device=device, batch_size=64, num_workers=cfg.num_workers, draft=pp.resize_size)
+    cache = open_cache(cfg, backbone, pp)
+    kw = dict(device=device, batch_size=64, num_workers=cfg.num_workers, draft=pp.resize_size, cache=cache)
     ftr = gather_features(
         extract_features(
             backbone,
@@ -442,13 +466,22 @@ def _feature_datasets(backbone, split: DataSplit, pp: Preprocess, cfg: TrainConf
     )
     secs = ftr.seconds + fva.seconds
     n = len(ftr.y) + len(fva.y)
-    log(f"features: {n} images in {secs:.1f}s ({n / max(secs, 1e-9):.1f} img/s)")
+    hits, misses = ftr.hits + fva.hits, ftr.misses + fva.misses
+    hit_rate = hits / max(hits + misses, 1)
+    where = f"cache {cache.dir}" if cache is not None else "no cache"
+    log(
+        f"features: {n} images in {secs:.1f}s, {misses} extracted "
+        f"({misses / max(secs, 1e-9):.1f} img/s), {hits} from {where} (hit rate {hit_rate:.0%})"
+    )
+    if cache is not None:
+        cache.close()
     # The feature datasets keep item indices, so failures and NaN reports still name files.
     return (
         _FeatureDataset(ftr.x, ftr.y, ftr.index),
         _FeatureDataset(fva.x, fva.y, fva.index),
         ftr.failed + fva.failed,
         secs,
+        {"cache_hit_rate": round(hit_rate, 6), "features_extracted": misses, "features_from_cache": hits},
     )
 
 
@@ -465,6 +498,8 @@ def gather_features(f: Features, dist: DistInfo) -> Features:
         index=index[order],
         failed=[s for p in parts for s in p.failed],
         seconds=max(p.seconds for p in parts),
+        hits=sum(p.hits for p in parts),
+        misses=sum(p.misses for p in parts),
     )
 
 
