@@ -79,6 +79,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--cache-dir", default=None, help="feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart)"
     )
     r.add_argument("--no-cache", action="store_true", help="compute features without the disk cache")
+    p.add_argument(
+        "--classifier",
+        choices=["logistic", "svm"],
+        default="logistic",
+        help="linear-probe: logistic regression or linear SVM (C by cross-validation)",
+    )
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -145,6 +151,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         overwrite=a.overwrite,
         cache_dir=a.cache_dir,
         cache=not a.no_cache,
+        classifier=a.classifier,
         augment=Augment(
             crop_scale=a.crop_scale,
             hflip=not a.no_hflip,

@@ -64,8 +64,14 @@ from headstart.model import TransferModel
 from headstart.runs import CONFIG, METRICS, RESULTS, SPLIT, save_model, write_json
 
 # Strategy-dependent defaults: a head on cached features is cheap, backbone epochs are not.
-DEFAULT_EPOCHS = {"extract": 30, "finetune": 8, "full": 8, "scratch": 15, "linear-probe": 0}
-DEFAULT_LR = {"extract": 1e-3, "finetune": 1e-3, "full": 3e-4, "scratch": 3e-3, "linear-probe": 0}
+DEFAULT_EPOCHS = {"extract": 30, "finetune": 8, "full": 8, "scratch": 15, "linear-probe": 1}
+DEFAULT_LR = {
+    "extract": 1e-3,
+    "finetune": 1e-3,
+    "full": 3e-4,
+    "scratch": 3e-3,
+    "linear-probe": 1e-3,
+}  # probe: unused
 
 
 @dataclass
@@ -103,6 +109,7 @@ class TrainConfig:
     overwrite: bool = False
     cache_dir: str | None = None
     cache: bool = True
+    classifier: str = "logistic"
 
     def resolved(self) -> TrainConfig:
         """Fill strategy-dependent defaults and check values; raises ConfigError."""
