@@ -23,6 +23,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--head", default="linear", help="linear | binary | mlp:H1,H2 (e.g. mlp:512,256)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout before head layers")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input size instead of the backbone's (smaller is faster, e.g. for 32 px images)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument(
         "--epochs",
@@ -152,6 +158,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         cache_dir=a.cache_dir,
         cache=not a.no_cache,
         classifier=a.classifier,
+        image_size=a.image_size,
         augment=Augment(
             crop_scale=a.crop_scale,
             hflip=not a.no_hflip,

@@ -113,7 +113,7 @@ def run_linear_probe(cfg) -> object:
     trainable, frozen = count_params(model)
     proof = FrozenProof.take(model)
     model.to(device)
-    pp = preprocess_of(backbone)
+    pp = preprocess_of(backbone, cfg.image_size)
     train_ds, val_ds, bad, extract_s, stats = feature_datasets(backbone, split, pp, cfg, device, DistInfo())
     from headstart.train import check_bad_fraction
 

@@ -110,6 +110,7 @@ class TrainConfig:
     cache_dir: str | None = None
     cache: bool = True
     classifier: str = "logistic"
+    image_size: int | None = None
 
     def resolved(self) -> TrainConfig:
         """Fill strategy-dependent defaults and check values; raises ConfigError."""
@@ -212,7 +213,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     trainable_params, frozen_params = count_params(model)
     proof = FrozenProof.take(model)
     model.to(device)
-    pp = preprocess_of(backbone)
+    pp = preprocess_of(backbone, cfg.image_size)
     log(
         f"headstart {__version__}: {cfg.strategy} on {backbone.config.name} "
         f"({trainable_params:,} trainable / {frozen_params:,} frozen params), "
@@ -581,10 +582,12 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: tensors[n].detach().clone() for n in names}
 
 
-def preprocess_of(backbone) -> Preprocess:
-    """The eval preprocessing a backbone expects."""
+def preprocess_of(backbone, image_size: int | None = None) -> Preprocess:
+    """The eval preprocessing a backbone expects, optionally at another input size."""
     c = backbone.config
-    return Preprocess(c.input_size, c.mean, c.std, c.interpolation, c.crop_pct)
+    if image_size is not None and image_size < 32:
+        raise ConfigError(f"--image-size {image_size} is too small; use 32 or more.")
+    return Preprocess(image_size or c.input_size, c.mean, c.std, c.interpolation, c.crop_pct)
 
 
 def prepare_output(output: str, *, overwrite: bool) -> Path:
