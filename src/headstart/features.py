@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch.utils.data import Subset
-from tqdm.auto import tqdm
 
+from headstart import progress
 from headstart.backbones import Backbone
 from headstart.cache import FeatureCache, file_key
 from headstart.data import ImageDataset, Skipped, make_loader
@@ -83,7 +83,7 @@ def extract_features(
                 ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                 pin_memory=device.type == "cuda",
             )  # fmt: skip
-            with tqdm(total=len(missing), desc=desc, unit="img", leave=False, disable=None) as bar:
+            with progress.bar(total=len(missing), desc=desc, unit="img") as pbar:
                 for batch in loader:
                     failed += [Skipped(items[i][0], why) for i, why in batch.failed]
                     if batch.x is not None:
@@ -97,7 +97,7 @@ def extract_features(
                             writer.put([row_of[i] for i in idx], [keys[i] for i in idx], f)
                         else:
                             live.update(zip(idx, f, strict=True))
-                    bar.update(len(batch.y) + len(batch.failed))
+                    pbar.update(len(batch.y) + len(batch.failed))
         if writer is not None:
             shard, rows = writer.finish()
             hits.update({keys[missing[r]]: (shard, r) for r in rows})
