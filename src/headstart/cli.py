@@ -225,6 +225,20 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    """headstart bench."""
+    from headstart.bench import bench
+
+    r = bench(a.backbone, device=a.device, batch_size=a.batch_size, unfreeze=a.unfreeze,
+              min_seconds=a.seconds)  # fmt: skip
+    print(f"{r['backbone']} at {r['input_size']}px on {r['device']} ({r['threads']} threads), "
+          f"batch {r['batch_size']}:")  # fmt: skip
+    for k, v in r.items():
+        if k.endswith("_img_s"):
+            print(f"  {k.removesuffix('_img_s'):<20} {v:10.1f} images/s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -273,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="images/s for inference and training steps on a device")
+    p.add_argument("backbone", nargs="?", default="efficientnet_lite0")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 32 on CPU, 128 on GPU")
+    p.add_argument("--unfreeze", type=int, default=2, help="block groups trained in the finetune step")
+    p.add_argument("--seconds", type=float, default=3.0, help="time each measurement at least this long")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -212,7 +212,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     unfrozen = apply_strategy(model, cfg.strategy, unfreeze=cfg.unfreeze, patterns=cfg.unfreeze_patterns)
     trainable_params, frozen_params = count_params(model)
     proof = FrozenProof.take(model)
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last)  # NHWC kernels: faster on CPU and GPU
     pp = preprocess_of(backbone, cfg.image_size)
     log(
         f"headstart {__version__}: {cfg.strategy} on {backbone.config.name} "
@@ -382,6 +382,8 @@ def run_epoch(
             if batch.x is None:
                 continue
             x, y = to_device(batch.x, device), to_device(batch.y, device)
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             with autocast_for(device, training=training):
                 logits = net(x)
                 loss = loss_fn(logits, y)
