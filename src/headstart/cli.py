@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", "-o", default=None, help="folder for the table and runs (default: runs/compare-NAME)"
     )
     p.add_argument(
-        "--epochs", type=int, default=None, help="epochs of backbone-training strategies (default: 4)"
+        "--epochs", type=int, default=None, help="epochs of backbone-training strategies (default: 2)"
     )
     p.add_argument("--weights", default=None, help="weights FILE for the backbone, or 'none'")
     p.add_argument("--val", default=None, help="separate validation folder of class subfolders")

@@ -25,7 +25,7 @@ DEFAULT_STRATEGIES = ("scratch", "linear-probe", "extract", "finetune")
 # Epochs for strategies that train the backbone on images (each epoch is a full forward and
 # backward pass, minutes on a CPU). Strategies on cached features keep their own defaults:
 # their epochs cost milliseconds once the single feature pass is done.
-DEFAULT_COMPARE_EPOCHS = 3
+DEFAULT_COMPARE_EPOCHS = 2
 IMAGE_STRATEGIES = ("scratch", "finetune", "full")
 COLUMNS = ["backbone", "strategy", "status", "val_accuracy", "val_loss", "trainable_params",
            "epochs", "wall_seconds", "images_per_second", "run"]  # fmt: skip
