@@ -97,4 +97,4 @@ def test_report_on_ants_and_bees(tmp_path, hymenoptera):
     cal = json.loads((run / "results.json").read_text())["calibration"]
     assert cal["ece_after"] <= cal["ece_before"]
     assert json.loads((run / "evaluation.json").read_text())["accuracy"] > 0.85
-    assert "imageNotFound.gif" in page  # the placeholder GIF is listed among skipped files
+    assert "245 (ants 124, bees 121)" in page and "153 (ants 70, bees 83)" in page
