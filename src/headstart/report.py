@@ -50,8 +50,12 @@ def build_report(
 
     # Calibration: the stored temperature if `calibrate` ran, else what fitting one would give.
     cal_stored = results.get("calibration")
-    t_fit = float(cal_stored["temperature"]) if cal_stored else fit_temperature(lg.logits, lg.y, lg.head_kind)
-    cal = calibration_summary(lg, t_fit) if len(lg.y) else None
+    cal = None
+    if len(lg.y):
+        t_fit = (
+            float(cal_stored["temperature"]) if cal_stored else fit_temperature(lg.logits, lg.y, lg.head_kind)
+        )
+        cal = calibration_summary(lg, t_fit)
 
     probs = lg.probs(temperature)
     rows = per_image(lg, probs)
@@ -76,7 +80,7 @@ def build_report(
 
     page = render_html(
         run_dir=run_dir, model=model, results=results, config=config, ev=ev, cal=cal,
-        cal_applied=bool(cal_stored) and abs(temperature - t_fit) < 1e-9, temperature=temperature,
+        cal_applied=bool(cal_stored and cal) and abs(temperature - cal["temperature"]) < 1e-9, temperature=temperature,
         worst=worst, suspects=suspects, suspect_threshold=suspect_threshold, figs=figs,
         metrics=metrics, data=data, split=read_json(run_dir / SPLIT) if (run_dir / SPLIT).exists() else None,
     )  # fmt: skip
@@ -259,6 +263,12 @@ def _num(key: str, value: float, digits: int = 4) -> str:
     return f'<span class="num" id="{key}" data-value="{value!r}">{value:.{digits}f}</span>'
 
 
+def _short(path: str) -> str:
+    """class-folder/file name: enough to find the image, short enough for a tile."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}"
+
+
 def _fmt_int(v) -> str:
     return f"{v:,}" if isinstance(v, int) else html.escape(str(v))
 
@@ -396,7 +406,7 @@ def render_html(**k) -> str:
             f"<div class='tile'><div class='im'>{im}</div><div class='cap'>"
             f"given <b>{e(r['given_label'])}</b><br>predicted <span class='{verdict}'>{e(r['predicted_label'])}</span> "
             f"({r['confidence']:.3f})<br>p(given) {r['given_label_probability']:.3f} · loss {r['loss']:.2f}"
-            f"<div class='path'>{e(r['path'])}</div></div></div>"
+            f"<div class='path' title='{e(r['path'])}'>{e(_short(r['path']))}</div></div></div>"
         )  # fmt: skip
     parts.append("</div></section>")
 
