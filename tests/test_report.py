@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
-from conftest import TINY, run_cli
+from conftest import ROOT, TINY, run_cli
 
 from headstart.report import FIGURES, SUSPECT_COLUMNS, build_report
 from headstart.train import train
@@ -88,10 +90,19 @@ def test_report_cli_on_calibrated_run(tmp_path, tiny_split):
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
+@pytest.fixture
+def ants_bees() -> Path:
+    """HEADSTART_DATA, else ../shared/data beside the repo, else /work/shared/data."""
+    for base in (os.environ.get("HEADSTART_DATA"), ROOT.parent / "shared" / "data", "/work/shared/data"):
+        if base and (Path(base) / "hymenoptera_data").is_dir():
+            return Path(base) / "hymenoptera_data"
+    pytest.skip("hymenoptera_data not present")
+
+
 @pytest.mark.slow
-def test_report_on_ants_and_bees(tmp_path, hymenoptera):
+def test_report_on_ants_and_bees(tmp_path, ants_bees):
     run = tmp_path / "run"
-    train(hymenoptera, output=str(run), strategy="extract", epochs=10, num_workers=1, calibrate=True)
+    train(ants_bees, output=str(run), strategy="extract", epochs=10, num_workers=1, calibrate=True)
     page = build_report(run, device="cpu", num_workers=1).read_text()
     _check_against_evaluation(run, page)
     cal = json.loads((run / "results.json").read_text())["calibration"]
