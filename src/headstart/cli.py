@@ -91,6 +91,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default="logistic",
         help="linear-probe: logistic regression or linear SVM (C by cross-validation)",
     )
+    r.add_argument(
+        "--calibrate", action="store_true", help="fit a temperature on the val split after training"
+    )
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -150,6 +153,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         label_smoothing=a.label_smoothing,
         class_weights=a.class_weights,
         patience=a.patience,
+        calibrate=a.calibrate,
         seed=a.seed,
         device=a.device,
         num_workers=a.workers,
@@ -173,6 +177,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         f"best_epoch={r['best_epoch']} frozen_tensors_changed={r['frozen_tensors_changed']} "
         f"train_seconds={r['train_seconds']:.1f} run={result.run_dir}"
     )
+    if "calibration" in r:
+        _print_calibration(r["calibration"])
     return 0
 
 
@@ -239,6 +245,48 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def _print_calibration(c: dict) -> None:
+    print(
+        f"temperature={c['temperature']:.4f} ece_before={c['ece_before']:.4f} "
+        f"ece_after={c['ece_after']:.4f} nll_before={c['nll_before']:.4f} nll_after={c['nll_after']:.4f}"
+    )
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    """headstart calibrate."""
+    from headstart.calibrate import calibrate
+
+    c = calibrate(a.run, data=a.data, device=a.device, batch_size=a.batch_size, num_workers=a.workers)
+    _print_calibration(c)
+    print(f"wrote temperature to {os.path.join(a.run, 'model.json')}; ECE in results.json")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    """headstart report."""
+    from headstart.report import build_report
+
+    path = build_report(a.run, data=a.data, top_losses=a.top_losses,
+                        suspect_threshold=a.suspect_threshold, device=a.device,
+                        batch_size=a.batch_size, num_workers=a.workers)  # fmt: skip
+    print(f"wrote {path} (figures and suspect_labels.csv beside it)")
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    """headstart compare."""
+    from headstart.compare import compare
+
+    res = compare(a.data, strategies=[s.strip() for s in a.strategies.split(",") if s.strip()],
+                  backbones=[b.strip() for b in a.backbones.split(",") if b.strip()],
+                  output=a.output, epochs=a.epochs, seed=a.seed, weights=a.weights,
+                  batch_size=a.batch_size, val=a.val, device=a.device,
+                  num_workers=a.workers)  # fmt: skip
+    print(res.markdown)
+    print(f"wrote {res.markdown_path}, {res.csv_path}, {res.plot_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -295,6 +343,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unfreeze", type=int, default=2, help="block groups trained in the finetune step")
     p.add_argument("--seconds", type=float, default=3.0, help="time each measurement at least this long")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("calibrate", help="fit a temperature so probabilities match accuracy")
+    p.add_argument("run", help="run folder made by `headstart train`")
+    p.add_argument("--data", default=None, help="folder to fit on (default: the run's val split)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("report", help="write RUN/report.html: curves, errors, calibration, facts")
+    p.add_argument("run", help="run folder made by `headstart train`")
+    p.add_argument("--data", default=None, help="folder to report on (default: the run's val split)")
+    p.add_argument("--top-losses", type=int, default=12, help="images in the top-losses gallery")
+    p.add_argument(
+        "--suspect-threshold",
+        type=float,
+        default=0.8,
+        help="a wrong prediction at least this confident is listed in suspect_labels.csv",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="train several strategies/backbones on one split, tabulate")
+    p.add_argument("data", help="folder with train/ and val/ class subfolders, or one class tree")
+    p.add_argument("--strategies", default="scratch,linear-probe,extract,finetune", help="comma-separated")
+    p.add_argument("--backbones", default="efficientnet_lite0", help="comma-separated backbone names")
+    p.add_argument(
+        "--output", "-o", default=None, help="folder for the table and runs (default: runs/compare-NAME)"
+    )
+    p.add_argument(
+        "--epochs", type=int, default=None, help="epochs of backbone-training strategies (default: 2)"
+    )
+    p.add_argument("--weights", default=None, help="weights FILE for the backbone, or 'none'")
+    p.add_argument("--val", default=None, help="separate validation folder of class subfolders")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

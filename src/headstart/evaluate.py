@@ -9,12 +9,14 @@ import numpy as np
 
 from headstart.data import resolve_data, scan_class_tree
 from headstart.errors import DataError
-from headstart.runs import SPLIT, read_json, write_json
+from headstart.runs import RESULTS, SPLIT, read_json, write_json
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
     """Metrics from true labels [N] and probabilities [N, C] (scikit-learn does the counting)."""
     from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
+
+    from headstart.calibrate import expected_calibration_error
 
     y_true = np.asarray(y_true, dtype=np.int64)
     labels = list(range(len(classes)))
@@ -37,6 +39,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -
             for i, c in enumerate(classes)
         },
         "macro_f1": float(np.mean(f1)),
+        "ece": expected_calibration_error(probs, y_true),
         "confusion_matrix": {
             "classes": list(classes),
             "rows_true_cols_pred": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
@@ -125,6 +128,8 @@ def evaluate(
     result["data"] = data or "validation split of the run"
     result["skipped_files"] = [{"path": p.path, "reason": p.error} for p in preds if p.error]
     result["temperature"] = predictor.temperature
+    if (run_dir / RESULTS).exists() and "calibration" in read_json(run_dir / RESULTS):
+        result["calibration"] = read_json(run_dir / RESULTS)["calibration"]
     if write:
         write_json(run_dir / "evaluation.json", result)
         plot_confusion(

@@ -101,6 +101,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     class_weights: str = "none"
     patience: int | None = None
+    calibrate: bool = False
     seed: int = 0
     device: str = "auto"
     num_workers: int | None = None
@@ -342,6 +343,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     if dist.is_main:
         write_json(out / RESULTS, results)
         write_json(out / CONFIG, run_config(cfg, device) | {"world_size": dist.world})
+        if cfg.calibrate:  # temperature scaling on the val split; updates model.json and results.json
+            from headstart.calibrate import calibrate
+
+            results["calibration"] = calibrate(out, device=cfg.device, num_workers=cfg.num_workers)
     barrier(dist)
     log(
         f"done: val accuracy {results['val_accuracy']:.4f} (epoch {results['best_epoch']}), "
