@@ -93,6 +93,26 @@ def test_parity_uses_generated_images_when_val_files_are_gone(tiny_run, tmp_path
     assert len(r.parity.skipped) == 10 and (run / "model.onnx").exists()
 
 
+def test_temperature_is_inside_the_onnx_graph(tiny_run, tmp_path):
+    import shutil
+
+    import onnxruntime as ort
+
+    run = tmp_path / "hot"
+    shutil.copytree(tiny_run, run)
+    record = json.loads((run / "model.json").read_text())
+    record["temperature"] = 3.0
+    (run / "model.json").write_text(json.dumps(record))
+    r = export(run, format="onnx")  # the original applies T=3 too, so parity must still hold
+    assert r.parity.passed and read_onnx_metadata(r.path)["temperature"] == 3.0
+    s = ort.InferenceSession(str(r.path), providers=["CPUExecutionProvider"])
+    probs, logits = s.run(None, {"image": np.random.rand(4, 3, 160, 160).astype(np.float32)})
+    e = np.exp(logits / 3.0 - (logits / 3.0).max(1, keepdims=True))
+    np.testing.assert_allclose(probs, e / e.sum(1, keepdims=True), atol=1e-6)
+    e1 = np.exp(logits - logits.max(1, keepdims=True))
+    assert np.abs(probs - e1 / e1.sum(1, keepdims=True)).max() > 1e-3
+
+
 def test_predict_engine_onnx_matches_torch_cli(tiny_run, tmp_path):
     assert run_cli("export", tiny_run, "--output", tmp_path / "m.onnx").returncode == 0
     val = Path(json.loads((tiny_run / "split.json").read_text())["val"][0][0]).parents[1]

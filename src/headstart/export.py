@@ -265,8 +265,8 @@ def _export_torchscript(module: nn.Module, path: Path, *, input_size: int, meta:
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, (x,), check_trace=False)
         traced = torch.jit.freeze(traced.eval())
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.jit.save(traced, str(tmp), _extra_files={"headstart.json": json.dumps(meta)})
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.jit.save(traced, str(tmp), _extra_files={"headstart.json": json.dumps(meta)})
     os.replace(tmp, path)
 
 
