@@ -189,16 +189,16 @@ def cmd_predict(a: argparse.Namespace) -> int:
     """headstart predict."""
     from headstart.predict import load
 
+    if a.resume and not a.csv:
+        from headstart.errors import ConfigError
+
+        raise ConfigError("--resume needs --csv FILE: it skips the images already in that file.")
     if a.engine == "onnx":
         from headstart.onnx_predict import load_onnx
 
         predictor = load_onnx(a.run)
     else:
         predictor = load(a.run, device=a.device)
-    if a.resume and not a.csv:
-        from headstart.errors import ConfigError
-
-        raise ConfigError("--resume needs --csv FILE: it skips the images already in that file.")
     if a.csv:
         from headstart.batch import predict_to_csv
 
