@@ -105,3 +105,21 @@ def hymenoptera() -> Path:
     if not HYMENOPTERA.is_dir():
         pytest.skip(f"{HYMENOPTERA} not present")
     return HYMENOPTERA
+
+
+def real_data_dir() -> Path:
+    """Shared real data: $HEADSTART_DATA, else ../shared/data beside the repo (or a parent's)."""
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def hymenoptera_run(tmp_path_factory) -> Path:
+    """An extract run (embedded lite0) on the real ant/bee set, trained once per test session."""
+    data = real_data_dir() / "hymenoptera_data"
+    if not data.is_dir():
+        pytest.skip(f"{data} not present (set HEADSTART_DATA)")
+    import headstart
+
+    out = tmp_path_factory.mktemp("hymenoptera") / "run"
+    headstart.train(str(data), output=str(out), strategy="extract", seed=0)
+    return out

@@ -213,15 +213,27 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def cmd_predict(a: argparse.Namespace) -> int:
     """headstart predict."""
-    from headstart.predict import load, write_csv
+    from headstart.predict import load
 
-    predictor = load(a.run, device=a.device)
-    preds = predictor.iter_predict(a.inputs, top_k=a.top_k, batch_size=a.batch_size,
-                                   num_workers=a.workers, progress=bool(a.csv))  # fmt: skip
+    if a.resume and not a.csv:
+        from headstart.errors import ConfigError
+
+        raise ConfigError("--resume needs --csv FILE: it skips the images already in that file.")
+    if a.engine == "onnx":
+        from headstart.onnx_predict import load_onnx
+
+        predictor = load_onnx(a.run)
+    else:
+        predictor = load(a.run, device=a.device)
     if a.csv:
-        n = write_csv(preds, a.csv, a.top_k)
-        print(f"wrote {n} rows to {a.csv}")
+        from headstart.batch import predict_to_csv
+
+        summary = predict_to_csv(predictor, a.inputs, a.csv, top_k=a.top_k, batch_size=a.batch_size,
+                                 num_workers=a.workers, resume=a.resume)  # fmt: skip
+        print(summary.describe())
         return 0
+    preds = predictor.iter_predict(a.inputs, top_k=a.top_k, batch_size=a.batch_size,
+                                   num_workers=a.workers)  # fmt: skip
     for p in preds:
         if p.error:
             print(f"{p.path}\tERROR\t{p.error}")
@@ -287,6 +299,20 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    """headstart export."""
+    from headstart.export import export
+
+    r = export(a.run, format=a.format, output=a.output, opset=a.opset, check=not a.no_check,
+               max_images=a.parity_images)  # fmt: skip
+    print(f"exported {a.format} to {r.path} ({r.exporter}, {r.seconds:.1f}s); metadata {r.metadata_path}")
+    if r.parity:
+        print(r.parity.describe() + " -> ok")
+        for s in r.parity.skipped:
+            print(f"  parity skipped unreadable file {s}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -334,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument(
+        "--engine",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="onnx: ONNX Runtime on RUN/model.onnx (or RUN given as a .onnx file); see `headstart export`",
+    )
+    p.add_argument("--resume", action="store_true", help="with --csv: skip images already in the file")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="images/s for inference and training steps on a device")
@@ -384,6 +417,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("export", help="export a run to ONNX / TorchScript / safetensors, with a parity check")
+    p.add_argument("run", help="run folder made by `headstart train`")
+    p.add_argument("--format", "-f", choices=["onnx", "torchscript", "safetensors"], default="onnx")
+    p.add_argument(
+        "--output",
+        "-o",
+        default=None,
+        help="file (folder for safetensors); default RUN/model.onnx, RUN/model.torchscript.pt, RUN/export/",
+    )
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    p.add_argument("--parity-images", type=int, default=256, help="validation images for the parity check")
+    p.add_argument("--no-check", action="store_true", help="skip the parity check (not recommended)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -182,13 +182,24 @@ def expand_paths(inputs: Iterable) -> list[str]:
     return out
 
 
-def write_csv(predictions: Iterable[Prediction], path: str | os.PathLike, top_k: int) -> int:
-    """Rows `path,label,probability` (top-1), then label_2,probability_2… and error; returns rows."""
+def csv_header(top_k: int) -> list[str]:
+    """Columns of the prediction CSV: path,label,probability,label_2,probability_2,…,error."""
+    extra = [c for j in range(2, top_k + 1) for c in (f"label_{j}", f"probability_{j}")]
+    return ["path", "label", "probability", *extra, "error"]
+
+
+def write_csv(
+    predictions: Iterable[Prediction], path: str | os.PathLike, top_k: int, *, append: bool = False
+) -> int:
+    """Rows `path,label,probability` (top-1), then label_2,probability_2… and error; returns rows.
+
+    `append` adds rows to an existing file without writing the header again (for --resume).
+    """
     n = 0
-    with open(path, "w", newline="") as f:
+    with open(path, "a" if append else "w", newline="") as f:
         w = csv.writer(f)
-        extra = [c for j in range(2, top_k + 1) for c in (f"label_{j}", f"probability_{j}")]
-        w.writerow(["path", "label", "probability", *extra, "error"])
+        if not append:
+            w.writerow(csv_header(top_k))
         for p in predictions:
             cells = []
             for j in range(top_k):
