@@ -11,7 +11,7 @@ from headstart.errors import HeadstartError
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="folder with train/ and val/ class subfolders, or one class tree")
+    p.add_argument("data", nargs="?", help="folder with train/ and val/ class subfolders, or one class tree")
     p.add_argument("--output", "-o", default=None, help="run folder (default: runs/NAME-STRATEGY)")
     p.add_argument("--val", default=None, help="separate validation folder of class subfolders")
     p.add_argument(
@@ -75,6 +75,20 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="stop if more than this share of images cannot be read",
     )
     r.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+    r.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also checkpoint every N training steps (always: after every epoch)",
+    )
+    r.add_argument(
+        "--resume",
+        metavar="RUN",
+        default=None,
+        help="continue a stopped or killed run from RUN/checkpoint.pt, with its saved options",
+    )
+    r.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -107,8 +121,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(a: argparse.Namespace) -> int:
     """headstart train."""
     from headstart.data import Augment
-    from headstart.train import train
+    from headstart.errors import ConfigError
+    from headstart.train import resume, train
 
+    if a.resume:
+        if a.data:
+            raise ConfigError(
+                f"--resume {a.resume} continues that run with the options saved in it; "
+                f"leave out DATA ({a.data!r})."
+            )
+        return _print_result(resume(a.resume))
+    if not a.data:
+        raise ConfigError("headstart train needs DATA (a folder of class subfolders), or --resume RUN.")
     output = a.output or os.path.join("runs", f"{os.path.basename(os.path.normpath(a.data))}-{a.strategy}")
     result = train(
         a.data,
@@ -139,6 +163,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         num_workers=a.workers,
         max_bad_fraction=a.max_bad_fraction,
         overwrite=a.overwrite,
+        checkpoint_every=a.checkpoint_every,
+        deterministic=a.deterministic,
         augment=Augment(
             crop_scale=a.crop_scale,
             hflip=not a.no_hflip,
@@ -147,6 +173,10 @@ def cmd_train(a: argparse.Namespace) -> int:
             color_jitter=a.color_jitter,
         ),
     )
+    return _print_result(result)
+
+
+def _print_result(result) -> int:
     r = result.results
     print(
         f"val_accuracy={r['val_accuracy']:.4f} val_loss={r['val_loss']:.4f} "

@@ -205,7 +205,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: 16-bit scaled (not clipped), transparency on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        # I;16 is 16-bit by definition (a dark frame stays dark); I/F: guess from the values
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -331,12 +332,20 @@ def train_transform(pp: Preprocess, aug: Augment = Augment()) -> T.Compose:
 
 
 class ImageDataset(Dataset):
-    """(path, label) items -> (tensor, label, index); a file that fails yields its error instead."""
+    """(path, label) items -> (tensor, label, index); a file that fails yields its error instead.
 
-    def __init__(self, items: list[tuple[str, int]], transform, *, draft: int | None = None):
+    With `seed`, each sample's random augmentation is seeded by (seed, epoch, index), so it does
+    not depend on the number of DataLoader workers or on where a resumed run restarted.
+    """
+
+    def __init__(
+        self, items: list[tuple[str, int]], transform, *, draft: int | None = None, seed: int | None = None
+    ):
         self.items = items
         self.transform = transform
         self.draft = draft
+        self.seed = seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -344,7 +353,13 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         path, label = self.items[i]
         try:
-            x = self.transform(load_image(path, draft=self.draft))
+            img = load_image(path, draft=self.draft)
+            if self.seed is None:
+                x = self.transform(img)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**63)
+                    x = self.transform(img)
         except Exception as e:  # noqa: BLE001 - reported per file, never fatal here
             return None, label, i, f"{type(e).__name__}: {e}"
         return x, label, i, None
@@ -391,6 +406,7 @@ def make_loader(
     seed: int = 0,
     pin_memory: bool = False,
     drop_last: bool = False,
+    sampler=None,
 ) -> DataLoader:
     """A DataLoader with seeded shuffling and worker seeding, so runs repeat exactly."""
     workers = default_workers() if num_workers is None else num_workers
@@ -399,7 +415,8 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else None,
+        sampler=sampler,
         num_workers=workers,
         collate_fn=collate,
         generator=g,
