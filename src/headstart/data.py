@@ -237,6 +237,40 @@ def load_image(path: str | os.PathLike, *, draft: int | None = None) -> Image.Im
             return to_rgb(img)
 
 
+# Leading bytes of formats Pillow cannot read here, named so the user knows what the file is.
+_FOREIGN_MAGIC = (
+    (b"ftypheic", "HEIC"), (b"ftypheix", "HEIC"), (b"ftypmif1", "HEIF"), (b"ftypavif", "AVIF"),
+    (b"%PDF", "PDF"), (b"8BPS", "Photoshop PSD"), (b"<svg", "SVG"), (b"<?xml", "XML/SVG"),
+    (b"PK\x03\x04", "ZIP archive"), (b"<!DOCTYPE html", "HTML page"), (b"<html", "HTML page"),
+)  # fmt: skip
+
+
+def explain_failure(path: str | os.PathLike, e: BaseException) -> str:
+    """A reason a person can act on for a file load_image refused (shared by training and doctor)."""
+    msg = str(e).splitlines()[0] if str(e) else ""
+    if isinstance(e, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        return f"decompression bomb: {msg}"
+    if isinstance(e, PermissionError):
+        return "unreadable: permission denied"
+    if isinstance(e, Image.UnidentifiedImageError):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(512)
+        except OSError as oe:
+            return f"unreadable: {oe}"
+        if not head:
+            return "empty file (0 bytes)"
+        for magic, name in _FOREIGN_MAGIC:
+            if magic in head[:64]:
+                return f"unsupported format: {name} file with a {Path(path).suffix} extension"
+        if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+            return f"not an image: a text file with a {Path(path).suffix} extension"
+        return "not an image: content is no known image format despite the extension"
+    if isinstance(e, OSError) and "truncated" in msg:
+        return f"truncated file: {msg}"
+    return f"{type(e).__name__}: {msg}"
+
+
 # ----------------------------------------------------------------------------- transforms
 
 
@@ -361,7 +395,7 @@ class ImageDataset(Dataset):
                     torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**63)
                     x = self.transform(img)
         except Exception as e:  # noqa: BLE001 - reported per file, never fatal here
-            return None, label, i, f"{type(e).__name__}: {e}"
+            return None, label, i, explain_failure(path, e)
         return x, label, i, None
 
 

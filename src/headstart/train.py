@@ -46,6 +46,7 @@ from headstart.data import (
     Preprocess,
     Skipped,
     eval_transform,
+    explain_failure,
     load_image,
     make_loader,
     resolve_data,
@@ -318,6 +319,9 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
 
             def after_step(totals: dict, epoch: int = epoch) -> None:
                 step = (epoch - 1) * len(train_loader) + totals["batches"]
+                if len(bad_files) > cfg.max_bad_fraction * (len(split.train) + len(split.val)):
+                    bad = [Skipped(p, r) for p, r in bad_files.items()]
+                    check_bad_fraction(bad, split, cfg.max_bad_fraction, so_far=True)
                 if stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                     checkpoint(epoch, totals)
                 if stop:
@@ -552,17 +556,18 @@ def never_loaded_failures(sampler: ResumableSampler, batch_size: int, epochs: in
         try:
             load_image(items[i][0], draft=64)
         except Exception as e:  # noqa: BLE001 - reported like any other unreadable file
-            failures[items[i][0]] = f"{type(e).__name__}: {e}"
+            failures[items[i][0]] = explain_failure(items[i][0], e)
     return failures
 
 
-def check_bad_fraction(bad: list[Skipped], split: DataSplit, limit: float) -> None:
+def check_bad_fraction(bad: list[Skipped], split: DataSplit, limit: float, *, so_far: bool = False) -> None:
     """Stop with a pointer to `headstart doctor` when too many files of a split fail to load."""
     total = len(split.train) + len(split.val)
     if bad and len(bad) > limit * total:
         shown = "; ".join(f"{s.path} ({s.reason})" for s in bad[:5])
         raise DataError(
-            f"{len(bad)} of {total} images could not be loaded (limit {limit:.0%}, "
+            f"{'Already ' if so_far else ''}{len(bad)} of {total} images could not be loaded "
+            f"(limit {limit:.0%}, "
             f"--max-bad-fraction): {shown}{' …' if len(bad) > 5 else ''}. Run `headstart doctor "
             f"{split_root(split)}` to list every problem, and --quarantine to move them aside."
         )
