@@ -22,7 +22,7 @@ def noisy(color: tuple[int, int, int], size: tuple[int, int] = (40, 40), seed: i
 def truncated_jpeg(path: Path, color=COLORS["red"]) -> None:
     """A JPEG cut in half: the header parses, decoding fails."""
     buf = io.BytesIO()
-    Image.fromarray(noisy(color, (64, 64))).save(buf, "JPEG", quality=95)
+    Image.fromarray(noisy(color, (64, 64), seed=15)).save(buf, "JPEG", quality=95)
     data = buf.getvalue()
     path.write_bytes(data[: len(data) // 2])
 
@@ -39,7 +39,7 @@ def text_as_jpg(path: Path) -> None:
 
 def cmyk_jpeg(path: Path, color=COLORS["red"]) -> None:
     """A CMYK JPEG (as print workflows produce)."""
-    Image.fromarray(noisy(color)).convert("CMYK").save(path, "JPEG", quality=95)
+    Image.fromarray(noisy(color, seed=11)).convert("CMYK").save(path, "JPEG", quality=95)
 
 
 def png16(path: Path, level: int = 40000) -> None:
@@ -50,20 +50,20 @@ def png16(path: Path, level: int = 40000) -> None:
 
 def palette_transparent_png(path: Path, color=COLORS["red"]) -> None:
     """A palette PNG whose index 0 is transparent (left half transparent)."""
-    img = Image.fromarray(noisy(color)).quantize(colors=16)
+    img = Image.fromarray(noisy(color, seed=13)).quantize(colors=16)
     img.paste(0, (0, 0, 20, 40))
     img.save(path, transparency=0)
 
 
 def rgba_png(path: Path, color=COLORS["red"]) -> None:
     """An RGBA PNG with a half-transparent alpha."""
-    rgba = np.dstack([noisy(color), np.full((40, 40), 128, np.uint8)])
+    rgba = np.dstack([noisy(color, seed=12), np.full((40, 40), 128, np.uint8)])
     Image.fromarray(rgba, "RGBA").save(path)
 
 
 def exif_rotated_jpeg(path: Path, color=COLORS["red"]) -> None:
     """A 60x30 (WxH) JPEG with EXIF orientation 6: viewers show it 30x60, rotated 90 deg clockwise."""
-    img = Image.fromarray(noisy(color, (60, 30)))
+    img = Image.fromarray(noisy(color, (60, 30), seed=14))
     exif = Image.Exif()
     exif[0x0112] = 6
     img.save(path, "JPEG", exif=exif.tobytes(), quality=95)
@@ -92,7 +92,7 @@ CONVERTED = {
     "palette alpha.png": palette_transparent_png,
     "rgba.png": rgba_png,
     "rotated.jpg": exif_rotated_jpeg,
-    "café ñoño 例.png": lambda p: Image.fromarray(noisy(COLORS["red"], seed=7)).save(p),
+    "café ñoño 例.png": lambda p: Image.fromarray(noisy(COLORS["red"], seed=77)).save(p),
 }
 
 

@@ -235,6 +235,23 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(a: argparse.Namespace) -> int:
+    """headstart doctor."""
+    from headstart.doctor import diagnose, format_report, input_size_of, quarantine
+
+    report = diagnose(a.data, input_size=input_size_of(a.backbone), duplicates=not a.no_duplicates)
+    moved = quarantine(report, a.quarantine) if a.quarantine else []
+    if a.json:
+        print(json.dumps(report.to_dict() | ({"quarantined": moved} if a.quarantine else {}), indent=2))
+    else:
+        print(format_report(report, limit=a.limit))
+        if a.quarantine:
+            print(
+                f"quarantine: moved {len(moved)} unusable files to {a.quarantine} (manifest quarantine.json)"
+            )
+    return 1 if a.strict and report.problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -249,6 +266,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on an image folder")
     _train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("doctor", help="find unusable, odd, duplicate and leaking files in a dataset")
+    p.add_argument("data", help="dataset folder (train/ + val/ class subfolders, or one class tree)")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument(
+        "--quarantine",
+        metavar="DIR",
+        default=None,
+        help="move unusable files to DIR (relative paths kept, manifest written; nothing deleted)",
+    )
+    p.add_argument(
+        "--backbone", "-b", default=None, help="judge tiny images against this backbone's input size"
+    )
+    p.add_argument("--no-duplicates", action="store_true", help="skip hashing (faster on huge sets)")
+    p.add_argument("--limit", type=int, default=20, help="rows shown per section (JSON has all)")
+    p.add_argument(
+        "--strict", action="store_true", help="exit 1 if unusable files or leaking/conflicting duplicates"
+    )
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("summary", help="layers, output shapes, params, trainable/frozen")
     p.add_argument("backbone", nargs="?", default="efficientnet_lite0")
