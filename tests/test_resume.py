@@ -118,7 +118,8 @@ def test_sigterm_finishes_the_step_saves_and_exits_130(data, tmp_path):
     assert json.loads((run / "results.json").read_text())["resumes"] == 1
 
 
-def test_kill_during_save_keeps_previous_checkpoint(tiny_split, tmp_path, monkeypatch):
+@pytest.mark.parametrize("strategy", ["finetune", "extract"])
+def test_kill_during_save_keeps_previous_checkpoint(tiny_split, tmp_path, monkeypatch, strategy):
     """os.replace failing (as a crash mid-save would) leaves the previous checkpoint intact."""
     import headstart.runs as runs
 
@@ -133,8 +134,8 @@ def test_kill_during_save_keeps_previous_checkpoint(tiny_split, tmp_path, monkey
         return real_replace(src, dst)
 
     monkeypatch.setattr(runs.os, "replace", flaky_replace)
-    opts = dict(backbone=TINY, weights="none", strategy="finetune", epochs=3, lr=0.05, batch_size=8,
-                num_workers=0, seed=1)  # fmt: skip
+    opts = dict(backbone=TINY, weights="none", strategy=strategy, epochs=3, lr=0.05, batch_size=8,
+                num_workers=0, seed=1, dropout=0.2)  # fmt: skip
     with pytest.raises(OSError, match="simulated crash"):
         train(tiny_split, output=run, checkpoint_every=2, **opts)
     ck = load_checkpoint(run / CHECKPOINT)  # the third save (epoch 2, batch 1), complete

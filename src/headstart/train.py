@@ -460,7 +460,15 @@ def run_epoch(
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as e:  # e.g. Adam's step size overflows float32 at --lr 1e38
+                    if "overflow" not in str(e):
+                        raise
+                    raise TrainingDiverged(
+                        f"The optimizer step overflowed ({e}); the learning rate "
+                        f"{optimizer.param_groups[0]['lr']:g} is far too large. Lower --lr."
+                    ) from e
                 if scheduler is not None:
                     scheduler.step()
             n = y.numel()
