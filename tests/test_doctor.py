@@ -172,6 +172,8 @@ def test_near_duplicate_grouping_is_transitive_and_thresholded():
     h = [0b0, 0b1111, 0b1111_1111, (1 << 64) - 1]
     assert near_duplicate_groups(h, max_bits=4) == [[0, 1, 2]]
     assert near_duplicate_groups(h, max_bits=3) == []
+    # a pHash that disagrees breaks the dHash match (1 <-> 2), so the chain splits
+    assert near_duplicate_groups(h, [0, 0, (1 << 64) - 1, 0], max_bits=4) == [[0, 1]]
 
 
 def shared_data() -> Path:
@@ -182,6 +184,25 @@ def shared_data() -> Path:
         if d and (Path(d) / "hymenoptera_data").is_dir():
             return Path(d)
     pytest.skip("hymenoptera_data not present")
+
+
+def test_banded_near_duplicate_search_equals_all_pairs():
+    rng = np.random.default_rng(0)
+    h = rng.integers(0, 2**63, 3000, dtype=np.uint64)
+    flips = rng.integers(0, 64, (300, 3)).astype(np.uint64)  # plant 300 near copies (<= 3 bits off)
+    near = (
+        h[:300]
+        ^ (np.uint64(1) << flips[:, 0])
+        ^ (np.uint64(1) << flips[:, 1])
+        ^ (np.uint64(1) << flips[:, 2])
+    )
+    h = np.concatenate([h, near])
+    ii, jj = np.nonzero(np.triu(np.bitwise_count(h[:, None] ^ h[None, :]) <= 4, 1))
+    brute = sorted(zip(ii.tolist(), jj.tolist(), strict=True))
+    assert brute == [(i, 3000 + i) for i in range(300)]  # random 64-bit hashes never collide by chance
+    assert sorted(sorted(g) for g in near_duplicate_groups(h.tolist(), max_bits=4)) == [
+        list(p) for p in brute
+    ]
 
 
 @pytest.mark.slow

@@ -15,9 +15,10 @@ import shutil
 import time
 import warnings
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,10 @@ from headstart.data import IGNORED_NAMES, IMG_EXTENSIONS, VAL_DIR_NAMES, explain
 from headstart.errors import ConfigError, DataError
 
 FEW_COLOURS = 64  # a photo has thousands of distinct colours; a placeholder or icon has a few
-NEAR_BITS = 4  # dHash distance (of 64 bits) at or below which two images are near duplicates
+# Near duplicates: dHash within 4 bits AND pHash within 8 bits (of 64). dHash alone chains flat,
+# dark images of different classes together on CIFAR-10; with pHash as well, none conflict.
+NEAR_BITS = 4
+NEAR_PBITS = 8
 MANIFEST = "quarantine.json"
 
 
@@ -49,6 +53,7 @@ class FileReport:
     error: str | None = None
     sha256: str | None = None
     dhash: int | None = None
+    phash: int | None = None
 
 
 @dataclass
@@ -180,7 +185,7 @@ def inspect_file(fr: FileReport, *, want_hash: bool = True) -> FileReport:
             colours = rgb.getcolors(FEW_COLOURS)  # None when there are more
         fr.notes = _notes(fr, path, colours)
         if want_hash:
-            fr.dhash = dhash(rgb)
+            fr.dhash, fr.phash = dhash(rgb), phash(rgb)
     except Exception as e:  # noqa: BLE001 - every failure is a finding, reported with its reason
         fr.error = explain_failure(path, e)
     return fr
@@ -239,6 +244,25 @@ def dhash(img: Image.Image) -> int:
     return int(np.packbits(bits).view(">u8")[0])
 
 
+def _dct_matrix(n: int = 32) -> np.ndarray:
+    k = np.arange(n)
+    m = np.cos(np.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n)) * np.sqrt(2 / n)
+    m[0] /= np.sqrt(2)
+    return m
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def phash(img: Image.Image) -> int:
+    """64-bit perceptual hash: low 8x8 DCT coefficients of a 32x32 grayscale thumbnail vs their median."""
+    g = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float64)
+    low = (_DCT32 @ g @ _DCT32.T)[:8, :8].reshape(-1)
+    bits = low > np.median(low[1:])  # the DC term only says how bright the image is
+    bits[0] = False
+    return int(np.packbits(bits).view(">u8")[0])
+
+
 # ----------------------------------------------------------------------------- analysis
 
 
@@ -249,12 +273,19 @@ def _groups_of(keys: list) -> list[list[int]]:
     return [g for g in by.values() if len(g) > 1]
 
 
-def near_duplicate_groups(hashes: list[int], *, max_bits: int = NEAR_BITS) -> list[list[int]]:
-    """Connected groups of images whose dHashes differ in at most `max_bits` bits."""
-    n = len(hashes)
+def near_duplicate_groups(
+    dhashes: list[int],
+    phashes: list[int] | None = None,
+    *,
+    max_bits: int = NEAR_BITS,
+    max_pbits: int = NEAR_PBITS,
+) -> list[list[int]]:
+    """Connected groups of images whose dHashes (and pHashes, if given) are within the limits."""
+    n = len(dhashes)
     if n < 2:
         return []
-    h = np.array(hashes, dtype=np.uint64)
+    h = np.array(dhashes, dtype=np.uint64)
+    ph = np.array(phashes, dtype=np.uint64) if phashes is not None else None
     parent = list(range(n))
 
     def find(i: int) -> int:
@@ -263,12 +294,23 @@ def near_duplicate_groups(hashes: list[int], *, max_bits: int = NEAR_BITS) -> li
             i = parent[i]
         return i
 
-    chunk = max(1, 4_000_000 // n)
-    for s in range(0, n, chunk):
-        d = np.bitwise_count(h[s : s + chunk, None] ^ h[None, :])
-        ii, jj = np.nonzero(d <= max_bits)
-        for i, j in zip(ii + s, jj, strict=True):
-            if i < j:
+    # Pigeonhole: hashes within max_bits of each other agree exactly on at least one of
+    # max_bits + 1 bands, so only pairs sharing a band value are compared (not all n^2 pairs).
+    n_bands = max_bits + 1
+    edges = np.linspace(0, 64, n_bands + 1).astype(int)
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        band = (h >> np.uint64(lo)) & np.uint64((1 << int(hi - lo)) - 1)
+        order = np.argsort(band, kind="stable")
+        cuts = np.flatnonzero(np.diff(band[order])) + 1
+        for idx in np.split(order, cuts):
+            if len(idx) < 2:
+                continue
+            ii, jj = np.nonzero(np.triu(np.bitwise_count(h[idx, None] ^ h[None, idx]) <= max_bits, 1))
+            ii, jj = idx[ii], idx[jj]
+            if ph is not None:  # confirm the dHash candidates with pHash
+                ok = np.bitwise_count(ph[ii] ^ ph[jj]) <= max_pbits
+                ii, jj = ii[ok], jj[ok]
+            for i, j in zip(ii.tolist(), jj.tolist(), strict=True):
                 parent[find(i)] = find(j)
     groups: dict[int, list[int]] = defaultdict(list)
     for i in range(n):
@@ -303,11 +345,16 @@ def diagnose(
     if not root.is_dir():
         raise DataError(f"Data folder {str(root)!r} does not exist or is not a folder.")
     layout, files, stray, _ = scan(root)
-    n_workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    inspect = partial(inspect_file, want_hash=duplicates)
     with warnings.catch_warnings():  # bombs are detected from the header, by size, not warned
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with ThreadPoolExecutor(n_workers) as pool:  # Pillow decodes with the GIL released
-            list(pool.map(lambda f: inspect_file(f, want_hash=duplicates), files))
+        if len(files) > 2000 and cores > 1:  # small files: per-file Python work, use processes
+            with ProcessPoolExecutor(workers or min(8, cores)) as pool:
+                files = list(pool.map(inspect, files, chunksize=256))
+        else:  # Pillow decodes with the GIL released; threads start at once
+            with ThreadPoolExecutor(workers or min(8, cores * 2)) as pool:
+                list(pool.map(inspect, files))
 
     rel = lambda p: os.path.relpath(p, root)  # noqa: E731
     good = [f for f in files if f.error is None]
@@ -330,7 +377,8 @@ def diagnose(
             dups.append({"kind": "exact", "scope": _scope(members), "files": [rel(m.path) for m in members]})
         # near duplicates among distinct files (one representative per exact group)
         reps = [i for i in range(len(good)) if i not in exact_ids] + [g[0] for g in exact]
-        for g in near_duplicate_groups([good[i].dhash for i in reps], max_bits=near_bits):
+        dh, ph = [good[i].dhash for i in reps], [good[i].phash for i in reps]
+        for g in near_duplicate_groups(dh, ph, max_bits=near_bits):
             members = [good[reps[i]] for i in g]
             dups.append({"kind": "near", "scope": _scope(members), "files": [rel(m.path) for m in members]})
         order = {"within class": 1}
