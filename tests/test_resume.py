@@ -63,29 +63,43 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert metric_rows(a) == metric_rows(b)
 
 
+def kill_after_saves(proc: subprocess.Popen, path: Path, saves: int, delay: float) -> int:
+    """SIGKILL `proc` `delay` s after it has replaced `path` `saves` times; returns saves seen."""
+    seen, last = 0, None
+    while seen < saves:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended after {seen} checkpoints: {proc.communicate()[1][-2000:]}")
+        try:
+            ino = path.stat().st_ino  # os.replace gives every save a new inode
+        except FileNotFoundError:
+            ino = None
+        if ino is not None and ino != last:
+            seen, last = seen + 1, ino
+        time.sleep(0.001)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    return seen
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_sigkill_at_random_point_then_resume_is_bit_identical(data, tmp_path, workers):
     ref = tmp_path / "ref"
-    p = popen_train(data, ref, "--workers", workers, "--checkpoint-every", "1")
-    t_first = wait_for(ref / CHECKPOINT, p)
-    t_start = time.monotonic()
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-    remaining = time.monotonic() - t_start  # training time left after the first checkpoint
+    r = run_cli("train", data, "-o", ref, *ARGS, "--workers", workers)
+    assert r.returncode == 0, r.stderr[-3000:]
     assert not (ref / CHECKPOINT).exists(), "a finished run removes its checkpoint"
 
+    # 4 epochs x 5 steps, a checkpoint after each step and epoch: ~24 saves. Kill after a random
+    # number of them (at most 12, so polling that misses a few still kills mid-run), mid-step.
     killed = tmp_path / "killed"
-    delay = random.uniform(0.05, 0.8) * remaining
+    saves, delay = random.randint(1, 12), random.uniform(0, 0.05)
     p = popen_train(data, killed, "--workers", workers, "--checkpoint-every", "1")
-    wait_for(killed / CHECKPOINT, p, timeout=t_first * 5 + 60)
-    time.sleep(delay)
-    p.send_signal(signal.SIGKILL)
-    p.communicate(timeout=60)
-    assert p.returncode == -signal.SIGKILL, f"run finished before the kill (delay {delay:.2f}s)"
+    kill_after_saves(p, killed / CHECKPOINT, saves, delay)
+    assert p.returncode == -signal.SIGKILL, f"run finished before the kill ({saves} saves + {delay:.3f}s)"
     assert not (killed / "results.json").exists()
     stopped_at = load_checkpoint(killed / CHECKPOINT)
-    where = f"killed after {delay:.2f}s at epoch {stopped_at['epoch']} {stopped_at['totals']}"
+    where = f"killed after {saves} saves + {delay:.3f}s: epoch {stopped_at['epoch']} {stopped_at['totals']}"
 
     r = run_cli("train", "--resume", killed, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -392,7 +392,10 @@ class ImageDataset(Dataset):
                 x = self.transform(img)
             else:
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**63)
+                    # only the CPU generator: torch.manual_seed would also reseed CUDA's
+                    torch.default_generator.manual_seed(
+                        ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**63
+                    )
                     x = self.transform(img)
         except Exception as e:  # noqa: BLE001 - reported per file, never fatal here
             return None, label, i, explain_failure(path, e)

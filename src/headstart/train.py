@@ -279,8 +279,9 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
         val_ds, batch_size=max(cfg.batch_size, 64), shuffle=False, num_workers=workers,
         pin_memory=pin,
     )  # fmt: skip
+    steps_per_epoch = len(train_loader)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(train_loader))
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=steps_per_epoch)
 
     # --- the loop, checkpointed (headstart.checkpoint) so --resume continues it exactly
     metrics: list[dict] = []
@@ -318,14 +319,14 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
             train_ds.epoch = epoch
 
             def after_step(totals: dict, epoch: int = epoch) -> None:
-                step = (epoch - 1) * len(train_loader) + totals["batches"]
+                step = (epoch - 1) * steps_per_epoch + totals["batches"]
                 if len(bad_files) > cfg.max_bad_fraction * (len(split.train) + len(split.val)):
                     bad = [Skipped(p, r) for p, r in bad_files.items()]
                     check_bad_fraction(bad, split, cfg.max_bad_fraction, so_far=True)
                 if stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                     checkpoint(epoch, totals)
                 if stop:
-                    raise interrupted(stop.signal, out, epoch, totals["batches"], len(train_loader))
+                    raise interrupted(stop.signal, out, epoch, totals["batches"], steps_per_epoch)
 
             lr_now = optimizer.param_groups[0]["lr"] if not totals["batches"] else totals["lr"]
             totals["lr"] = lr_now
@@ -364,7 +365,7 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
                 log(f"early stop: no val improvement for {cfg.patience} epochs")
                 break
             if stop:
-                raise interrupted(stop.signal, out, epoch + 1, 0, len(train_loader))
+                raise interrupted(stop.signal, out, epoch + 1, 0, steps_per_epoch)
     timings["head_train_seconds" if cfg.strategy == "extract" else "train_loop_seconds"] = (
         time.perf_counter() - t_train
     )
