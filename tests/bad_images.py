@@ -8,8 +8,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from conftest import COLORS
 from PIL import Image
+
+from conftest import COLORS
 
 
 def noisy(color: tuple[int, int, int], size: tuple[int, int] = (40, 40), seed: int = 0) -> np.ndarray:

@@ -13,11 +13,25 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# ../shared/data beside the project (CI and clones); HEADSTART_DATA overrides; a parent's
+# shared/data is found too, so git worktrees nested deeper still reach it.
+SHARED_DATA = Path(
+    os.environ.get("HEADSTART_DATA")
+    or next(
+        (p / "shared" / "data" for p in ROOT.parents if (p / "shared" / "data").is_dir()),
+        ROOT.parent / "shared" / "data",
+    )
+)
 HYMENOPTERA = SHARED_DATA / "hymenoptera_data"
 NETBLOCK = Path(__file__).parent / "netblock"
 # A tiny timm model (~100k params, random init) keeps unit tests fast.
 TINY = "timm:test_efficientnet"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_feature_cache(tmp_path_factory):
+    """The suite never reads or fills the user's feature cache."""
+    os.environ["HEADSTART_CACHE"] = str(tmp_path_factory.mktemp("feature-cache"))
 
 
 @pytest.fixture(autouse=True)

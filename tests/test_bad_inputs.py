@@ -20,12 +20,13 @@ from bad_images import (
     truncated_jpeg,
     zero_bytes,
 )
-from conftest import TINY, make_class_tree, run_cli
 from PIL import Image
 
 from headstart.data import load_image
 from headstart.errors import DataError
 from headstart.train import train
+
+from conftest import TINY, make_class_tree, run_cli
 
 REASONS = {
     "truncated.jpg": "truncated file",

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bad_images import make_bad_tree
-from conftest import run_cli
 from PIL import Image
 
 from headstart.doctor import diagnose, format_report, near_duplicate_groups, quarantine
 from headstart.errors import ConfigError
+
+from conftest import run_cli
 
 
 def smooth(seed: int, size: int = 64) -> Image.Image:

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, cli_env, make_class_tree, run_cli
 from safetensors.torch import load_file
 
 from headstart.checkpoint import CHECKPOINT, load_checkpoint
 from headstart.errors import ConfigError, DataError
 from headstart.train import resume, train
+
+from conftest import TINY, cli_env, make_class_tree, run_cli
 
 # finetune: the backbone trains too, so BN statistics, optimizer moments and augmentation all matter
 ARGS = ["--backbone", TINY, "--weights", "none", "--strategy", "finetune", "--epochs", "4",
@@ -193,3 +194,21 @@ def test_unfinished_run_is_not_silently_restarted(tiny_split, tmp_path):
     done = train(tiny_split, output=tmp_path / "done", backbone=TINY, weights="none", epochs=1)
     with pytest.raises(ConfigError, match="finished run"):
         resume(done.run_dir)
+
+
+@pytest.mark.parametrize(("n", "bs", "drop_last"), [(24, 8, True), (22, 4, True), (10, 3, False)])
+def test_resumable_sampler_gives_dataloaders_own_shuffle(n, bs, drop_last):
+    """Checkpointing changes no result: the order equals DataLoader(shuffle=True, generator=seeded)."""
+    from torch.utils.data import DataLoader
+
+    from headstart.checkpoint import ResumableSampler
+
+    g = torch.Generator()
+    g.manual_seed(5)
+    loader = DataLoader(list(range(n)), batch_size=bs, shuffle=True, generator=g, drop_last=drop_last)
+    expected = [[i for b in loader for i in b.tolist()] for _ in range(4)]
+    got = [order[: len(expected[k])] for k, order in enumerate(ResumableSampler(n, seed=5).orders(4))]
+    assert got == expected
+    s = ResumableSampler(n, seed=5)
+    s.set_epoch(3, start=bs)
+    assert list(s) == got[2][bs:] + ResumableSampler(n, seed=5).order(3)[len(expected[2]) :]

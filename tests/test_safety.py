@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, make_class_tree, run_cli
 from safetensors.torch import load_file
 
 from headstart.backbones import load_state_dict_file
 from headstart.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from headstart.errors import DataError, TrainingDiverged, WeightsError
 from headstart.train import train
+
+from conftest import ROOT, TINY, make_class_tree, run_cli
 
 TRAIN_MODULE = sys.modules["headstart.train"]  # `headstart.train` the attribute is the function
 

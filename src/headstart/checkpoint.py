@@ -43,11 +43,24 @@ class ResumableSampler(Sampler[int]):
         """Iterate epoch `epoch`'s order from position `start`."""
         self.epoch, self.start = epoch, start
 
-    def order(self, epoch: int) -> list[int]:
-        """The full order of `epoch`: depends only on the seed and the epoch."""
+    def orders(self, epochs: int):
+        """The full order of epochs 1..`epochs`, each a function of the seed and the epoch only.
+
+        They are the orders `DataLoader(shuffle=True, generator=seeded)` gives (per epoch it draws
+        a worker base seed, then the sampler's permutation, then an empty remainder permutation),
+        so checkpointing changes no result.
+        """
         g = torch.Generator()
-        g.manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n, generator=g).tolist()
+        g.manual_seed(self.seed)
+        for _ in range(epochs):
+            torch.empty((), dtype=torch.int64).random_(generator=g)
+            perm = torch.randperm(self.n, generator=g).tolist()
+            torch.randperm(self.n, generator=g)
+            yield perm
+
+    def order(self, epoch: int) -> list[int]:
+        """The full order of `epoch`."""
+        return list(self.orders(epoch))[-1]
 
     def __iter__(self):
         return iter(self.order(self.epoch)[self.start :])

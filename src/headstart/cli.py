@@ -23,6 +23,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--head", default="linear", help="linear | binary | mlp:H1,H2 (e.g. mlp:512,256)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout before head layers")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input size instead of the backbone's (smaller is faster, e.g. for 32 px images)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument(
         "--epochs",
@@ -89,6 +95,16 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="continue a stopped or killed run from RUN/checkpoint.pt, with its saved options",
     )
     r.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
+    r.add_argument(
+        "--cache-dir", default=None, help="feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart)"
+    )
+    r.add_argument("--no-cache", action="store_true", help="compute features without the disk cache")
+    p.add_argument(
+        "--classifier",
+        choices=["logistic", "svm"],
+        default="logistic",
+        help="linear-probe: logistic regression or linear SVM (C by cross-validation)",
+    )
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -165,6 +181,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         overwrite=a.overwrite,
         checkpoint_every=a.checkpoint_every,
         deterministic=a.deterministic,
+        cache_dir=a.cache_dir,
+        cache=not a.no_cache,
+        classifier=a.classifier,
+        image_size=a.image_size,
         augment=Augment(
             crop_scale=a.crop_scale,
             hflip=not a.no_hflip,
@@ -252,6 +272,20 @@ def cmd_doctor(a: argparse.Namespace) -> int:
     return 1 if a.strict and report.problems else 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    """headstart bench."""
+    from headstart.bench import bench
+
+    r = bench(a.backbone, device=a.device, batch_size=a.batch_size, unfreeze=a.unfreeze,
+              min_seconds=a.seconds)  # fmt: skip
+    print(f"{r['backbone']} at {r['input_size']}px on {r['device']} ({r['threads']} threads), "
+          f"batch {r['batch_size']}:")  # fmt: skip
+    for k, v in r.items():
+        if k.endswith("_img_s"):
+            print(f"  {k.removesuffix('_img_s'):<20} {v:10.1f} images/s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -319,6 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="images/s for inference and training steps on a device")
+    p.add_argument("backbone", nargs="?", default="efficientnet_lite0")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 32 on CPU, 128 on GPU")
+    p.add_argument("--unfreeze", type=int, default=2, help="block groups trained in the finetune step")
+    p.add_argument("--seconds", type=float, default=3.0, help="time each measurement at least this long")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -334,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("headstart: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

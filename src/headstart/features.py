@@ -5,23 +5,38 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-from tqdm.auto import tqdm
+from torch.utils.data import Subset
 
+from headstart import progress
 from headstart.backbones import Backbone
+from headstart.cache import FeatureCache, file_key
 from headstart.data import ImageDataset, Skipped, make_loader
 from headstart.device import autocast_for, to_device
 
 
 @dataclass
 class Features:
-    """Features [N, D] (float32, CPU), their labels and item indices, and the files that failed."""
+    """Features [N, D] (CPU; float16 when read from the cache), labels, item indices, failures."""
 
     x: torch.Tensor
     y: torch.Tensor
     index: torch.Tensor
     failed: list[Skipped] = field(default_factory=list)
     seconds: float = 0.0
+    hits: int = 0
+    misses: int = 0
+
+
+def inference_module(backbone: Backbone, *, device: torch.device) -> torch.nn.Module:
+    """A frozen backbone in its fast inference form: eval mode, channels-last memory format.
+
+    Channels-last lets oneDNN (CPU) and cuDNN (GPU) pick their NHWC kernels: about 1.6-1.9x the
+    images/s of NCHW for EfficientNet-Lite0 on a 2-core CPU. (TorchScript freezing was measured
+    too: faster only after expensive warm-up runs that cost more than they save on small sets.)
+    """
+    return backbone.eval().to(device=device, memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
@@ -35,31 +50,72 @@ def extract_features(
     num_workers: int | None = None,
     draft: int | None = None,
     desc: str = "extract",
+    subset=None,
+    cache: FeatureCache | None = None,
+    view: int = 0,
+    channels_last: bool = True,
 ) -> Features:
-    """Run the backbone once over `items` in eval mode and return pooled features."""
-    backbone.eval()
-    ds = ImageDataset(items, transform, draft=draft)
-    loader = make_loader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )  # fmt: skip
-    xs, ys, idx, failed = [], [], [], []
+    """Features of `items` (or of the indices in `subset`), from the cache where present.
+
+    Missing images run through the backbone once, in eval mode, and are streamed into a new
+    cache shard as they come, so memory stays flat however many images there are.
+    """
+    net = inference_module(backbone, device=device) if channels_last else backbone.eval()
+    wanted = list(range(len(items))) if subset is None else list(subset)
     start = time.perf_counter()
-    with tqdm(total=len(ds), desc=desc, unit="img", leave=False, disable=None) as bar:
-        for batch in loader:
-            failed += [Skipped(items[i][0], why) for i, why in batch.failed]
-            if batch.x is not None:
-                with autocast_for(device):
-                    f = backbone(to_device(batch.x, device))
-                xs.append(f.float().cpu())
-                ys.append(batch.y)
-                idx.append(batch.index)
-            bar.update(len(batch.y) + len(batch.failed))
+    failed: list[Skipped] = []
+    keys: dict[int, str] = {}
+    for i in wanted:
+        try:
+            keys[i] = file_key(items[i][0], view)
+        except OSError as e:
+            failed.append(Skipped(items[i][0], f"cannot read file: {e.strerror or e}"))
+    hits = cache.lookup(list(keys.values())) if cache is not None else {}
+    missing = [i for i in keys if keys[i] not in hits]
     dim = backbone.feature_dim
+    live: dict[int, np.ndarray] = {}  # only without a cache
+    writer = cache.writer(len(missing), dim) if cache is not None and missing else None
+    row_of = {i: r for r, i in enumerate(missing)}
+    try:
+        if missing:
+            ds = Subset(ImageDataset(items, transform, draft=draft), missing)
+            loader = make_loader(
+                ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                pin_memory=device.type == "cuda",
+            )  # fmt: skip
+            with progress.bar(total=len(missing), desc=desc, unit="img") as pbar:
+                for batch in loader:
+                    failed += [Skipped(items[i][0], why) for i, why in batch.failed]
+                    if batch.x is not None:
+                        x = to_device(batch.x, device)
+                        if channels_last:
+                            x = x.contiguous(memory_format=torch.channels_last)
+                        with autocast_for(device):
+                            f = net(x).float().cpu().numpy()
+                        idx = batch.index.tolist()
+                        if writer is not None:
+                            writer.put([row_of[i] for i in idx], [keys[i] for i in idx], f)
+                        else:
+                            live.update(zip(idx, f, strict=True))
+                    pbar.update(len(batch.y) + len(batch.failed))
+        if writer is not None:
+            shard, rows = writer.finish()
+            hits.update({keys[missing[r]]: (shard, r) for r in rows})
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    ok = [i for i in wanted if i in keys and (keys[i] in hits or i in live)]
+    if cache is not None:
+        x = torch.from_numpy(cache.read([hits[keys[i]] for i in ok], dim))
+    else:
+        x = torch.from_numpy(np.stack([live[i] for i in ok])) if ok else torch.empty(0, dim)
     return Features(
-        x=torch.cat(xs) if xs else torch.empty(0, dim),
-        y=torch.cat(ys) if ys else torch.empty(0, dtype=torch.long),
-        index=torch.cat(idx) if idx else torch.empty(0, dtype=torch.long),
+        x=x,
+        y=torch.tensor([items[i][1] for i in ok], dtype=torch.long),
+        index=torch.tensor(ok, dtype=torch.long),
         failed=failed,
         seconds=time.perf_counter() - start,
+        hits=len(keys) - len(missing),
+        misses=len(missing),
     )

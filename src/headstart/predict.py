@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from headstart.backbones import BackboneConfig, backbone_from_config
 from headstart.data import (
@@ -26,6 +25,7 @@ from headstart.device import autocast_for, configure_threads, pick_device, to_de
 from headstart.errors import DataError
 from headstart.heads import HeadSpec, logits_to_probs
 from headstart.model import TransferModel
+from headstart.progress import bar as progress_bar
 from headstart.runs import MODEL_JSON, WEIGHTS, load_weights, read_json
 
 
@@ -119,7 +119,7 @@ class Predictor:
             ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
             pin_memory=self.device.type == "cuda",
         )  # fmt: skip
-        bar = tqdm(total=len(paths), unit="img", desc="predict", disable=None if progress else True)
+        bar = progress_bar(total=len(paths), unit="img", desc="predict", enabled=progress)
         for batch in loader:
             results: dict[int, Prediction] = {
                 i: Prediction(paths[i], [], [], error=why) for i, why in batch.failed

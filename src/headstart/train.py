@@ -9,6 +9,7 @@ setup (seed, device, data, backbone, head, freezing, frozen proof)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -23,11 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from headstart import __version__
 from headstart.backbones import DEFAULT_BACKBONE, create_backbone
+from headstart.cache import FeatureCache, default_cache_dir, model_key, weights_checksum
 from headstart.checkpoint import (
     CHECKPOINT,
     ResumableSampler,
@@ -53,8 +56,16 @@ from headstart.data import (
     train_transform,
 )
 from headstart.device import autocast_for, configure_threads, pick_device, to_device
+from headstart.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_sum,
+    barrier,
+    init_distributed,
+    shard,
+)
 from headstart.errors import ConfigError, DataError, RunInterrupted, TrainingDiverged
-from headstart.features import extract_features
+from headstart.features import Features, extract_features
 from headstart.freezing import (
     STRATEGIES,
     FrozenProof,
@@ -67,8 +78,14 @@ from headstart.model import TransferModel
 from headstart.runs import CONFIG, METRICS, RESULTS, SPLIT, read_json, save_model, write_json
 
 # Strategy-dependent defaults: a head on cached features is cheap, backbone epochs are not.
-DEFAULT_EPOCHS = {"extract": 30, "finetune": 8, "full": 8, "scratch": 15, "linear-probe": 0}
-DEFAULT_LR = {"extract": 1e-3, "finetune": 1e-3, "full": 3e-4, "scratch": 3e-3, "linear-probe": 0}
+DEFAULT_EPOCHS = {"extract": 30, "finetune": 8, "full": 8, "scratch": 15, "linear-probe": 1}
+DEFAULT_LR = {
+    "extract": 1e-3,
+    "finetune": 1e-3,
+    "full": 3e-4,
+    "scratch": 3e-3,
+    "linear-probe": 1e-3,
+}  # probe: unused
 
 
 @dataclass
@@ -106,6 +123,10 @@ class TrainConfig:
     overwrite: bool = False
     checkpoint_every: int | None = None
     deterministic: bool = False
+    cache_dir: str | None = None
+    cache: bool = True
+    classifier: str = "logistic"
+    image_size: int | None = None
 
     def resolved(self) -> TrainConfig:
         """Fill strategy-dependent defaults and check values; raises ConfigError."""
@@ -214,11 +235,18 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
 
 def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
     t_start = time.perf_counter()
-    out = prepare_output(cfg.output, overwrite=cfg.overwrite, resume=resume)
+    device = pick_device(cfg.device)
+    dist = init_distributed(device.type)  # torchrun: one process per device, rank 0 writes
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    if dist.is_main:
+        out = prepare_output(cfg.output, overwrite=cfg.overwrite, resume=resume)
+    else:
+        out = Path(cfg.output)
+    barrier(dist)
     seed_everything(cfg.seed)
     threads = configure_threads()
-    device = pick_device(cfg.device)
-    if not resume:
+    if dist.is_main and not resume:
         write_json(out / CONFIG, run_config(cfg, device))  # --resume reads the options back
 
     # --- data (a resumed run reuses the exact file lists it started with)
@@ -226,7 +254,8 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
         split = DataSplit.from_dict(read_json(out / SPLIT))
     else:
         split = resolve_data(cfg.data, val=cfg.val, val_fraction=cfg.val_fraction, seed=cfg.seed)
-        write_json(out / SPLIT, split.to_dict())
+        if dist.is_main:
+            write_json(out / SPLIT, split.to_dict())
 
     # --- model: backbone (pretrained unless scratch), new head, freezing, frozen proof
     weights = "none" if cfg.strategy == "scratch" else cfg.weights
@@ -236,14 +265,14 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
     unfrozen = apply_strategy(model, cfg.strategy, unfreeze=cfg.unfreeze, patterns=cfg.unfreeze_patterns)
     trainable_params, frozen_params = count_params(model)
     proof = FrozenProof.take(model)
-    model.to(device)
-    pp = preprocess_of(backbone)
+    model.to(device, memory_format=torch.channels_last)  # NHWC kernels: faster on CPU and GPU
+    pp = preprocess_of(backbone, cfg.image_size)
     log(
         f"headstart {__version__}: {cfg.strategy} on {backbone.config.name} "
         f"({trainable_params:,} trainable / {frozen_params:,} frozen params), "
         f"head {head_spec.describe(backbone.feature_dim, len(split.classes))}, "
         f"{len(split.train)} train / {len(split.val)} val images, {len(split.classes)} classes, "
-        f"device {device}, {threads} threads"
+        f"device {device}, {threads} threads" + (f", {dist.world} processes" if dist.enabled else "")
     )
 
     class_w = class_weight_tensor(split, cfg.class_weights)
@@ -255,8 +284,8 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
     feature_id = None
     if cfg.strategy == "extract":
         net: nn.Module = model.head
-        train_ds, val_ds, bad, timings["extract_seconds"] = _feature_datasets(
-            backbone, split, pp, cfg, device
+        train_ds, val_ds, bad, timings["extract_seconds"], feature_stats = feature_datasets(
+            backbone, split, pp, cfg, device, dist
         )
         check_bad_fraction(bad, split, cfg.max_bad_fraction)
         skipped += bad
@@ -269,17 +298,25 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
         val_ds = ImageDataset(split.val, eval_transform(pp), draft=draft)
         workers = cfg.num_workers
     pin = device.type == "cuda"
-    # The order is a function of (seed, epoch) so a resumed run can start mid-epoch exactly.
-    sampler = ResumableSampler(len(train_ds), seed=cfg.seed)
+    # The order is a function of (seed, epoch), so a resumed run can start mid-epoch exactly.
+    # Under torchrun each rank trains on its DistributedSampler share (--batch-size is per
+    # process) and validates a strided share of val; sums are all-reduced.
+    if dist.enabled:
+        sampler = DistributedSampler(train_ds, seed=cfg.seed)
+    else:
+        sampler = ResumableSampler(len(train_ds), seed=cfg.seed)
+    per_rank = len(train_ds) // dist.world
     train_loader = make_loader(
-        train_ds, batch_size=cfg.batch_size, shuffle=True, sampler=sampler, num_workers=workers,
-        seed=cfg.seed, pin_memory=pin, drop_last=len(train_ds) > cfg.batch_size,
+        train_ds, batch_size=cfg.batch_size, shuffle=True, sampler=sampler,
+        num_workers=workers, seed=cfg.seed, pin_memory=pin, drop_last=per_rank > cfg.batch_size,
     )  # fmt: skip
     val_loader = make_loader(
-        val_ds, batch_size=max(cfg.batch_size, 64), shuffle=False, num_workers=workers,
-        pin_memory=pin,
+        Subset(val_ds, shard(list(range(len(val_ds))), dist)), batch_size=max(cfg.batch_size, 64),
+        shuffle=False, num_workers=workers, pin_memory=pin,
     )  # fmt: skip
     steps_per_epoch = len(train_loader)
+    if dist.enabled:
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=steps_per_epoch)
 
@@ -290,7 +327,12 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
     pos = {"epoch": 1, "totals": None, "resumes": 0}  # where the loop (re)starts
     ckpt_path = out / CHECKPOINT
 
+    # under torchrun: rank 0 writes, epoch checkpoints only (DistributedSampler cannot start mid-epoch)
+    step_checkpoints = cfg.checkpoint_every if not dist.enabled else None
+
     def checkpoint(epoch: int, totals: dict | None) -> None:
+        if not dist.is_main:
+            return
         save_checkpoint(ckpt_path, {
             "model": net.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler else None, "rng": rng_state(),
@@ -306,7 +348,11 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
         done = (pos["totals"] or {}).get("batches", 0)
         log(f"resumed from {ckpt_path} at epoch {pos['epoch']}, batch {done}")
     t_train = time.perf_counter()
-    with open(out / METRICS, "w", newline="") as fcsv, StopRequest() as stop:
+    # signals stop cleanly after a step; under torchrun the launcher handles them
+    with (
+        open(out / METRICS if dist.is_main else os.devnull, "w", newline="") as fcsv,
+        StopRequest() if not dist.enabled else contextlib.nullcontext() as stop,
+    ):
         writer = csv.DictWriter(
             fcsv, ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
         )
@@ -315,7 +361,10 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
         for epoch in range(pos["epoch"], cfg.epochs + 1):
             t0 = time.perf_counter()
             totals = pos["totals"] if epoch == pos["epoch"] and pos["totals"] else new_totals()
-            sampler.set_epoch(epoch, start=totals["batches"] * cfg.batch_size)
+            if isinstance(sampler, ResumableSampler):
+                sampler.set_epoch(epoch, start=totals["batches"] * cfg.batch_size)
+            else:
+                sampler.set_epoch(epoch)
             train_ds.epoch = epoch
 
             def after_step(totals: dict, epoch: int = epoch) -> None:
@@ -323,7 +372,7 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
                 if len(bad_files) > cfg.max_bad_fraction * (len(split.train) + len(split.val)):
                     bad = [Skipped(p, r) for p, r in bad_files.items()]
                     check_bad_fraction(bad, split, cfg.max_bad_fraction, so_far=True)
-                if stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                if stop or (step_checkpoints and step % step_checkpoints == 0):
                     checkpoint(epoch, totals)
                 if stop:
                     raise interrupted(stop.signal, out, epoch, totals["batches"], steps_per_epoch)
@@ -333,9 +382,9 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
             tr = run_epoch(net, train_loader, loss_fn, device, head_spec.kind,
                            optimizer=optimizer, scheduler=scheduler, items=split.train,
                            bad_files=bad_files, desc=f"epoch {epoch}/{cfg.epochs}",
-                           totals=totals, on_step=after_step)  # fmt: skip
+                           totals=totals, on_step=after_step, dist=dist)  # fmt: skip
             va = run_epoch(net, val_loader, loss_fn, device, head_spec.kind,
-                           items=split.val, bad_files=bad_files, desc="val")  # fmt: skip
+                           items=split.val, bad_files=bad_files, desc="val", dist=dist)  # fmt: skip
             if cfg.strategy != "extract":
                 check_bad_fraction([Skipped(p, r) for p, r in bad_files.items()], split, cfg.max_bad_fraction)
             row = {
@@ -371,12 +420,13 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
     )
 
     # --- best weights back, prove the frozen part stayed frozen, save
-    if cfg.strategy != "extract" and train_loader.drop_last:
+    if cfg.strategy != "extract" and train_loader.drop_last and isinstance(sampler, ResumableSampler):
         bad_files.update(never_loaded_failures(sampler, cfg.batch_size, len(metrics), split.train))
     model.load_state_dict(best["state"], strict=False)
     frozen_report = proof.verify(model)
     skipped += [Skipped(p, r) for p, r in bad_files.items()]
-    save_model(out, model, pp, strategy=cfg.strategy)
+    if dist.is_main:
+        save_model(out, model, pp, strategy=cfg.strategy)
     results = {
         "val_accuracy": best["val_acc"],
         "val_loss": best["val_loss"],
@@ -384,6 +434,7 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
         "epochs_run": len(metrics),
         "train_seconds": round(time.perf_counter() - t_start, 3),
         **{k: round(v, 3) for k, v in timings.items()},
+        **(feature_stats if cfg.strategy == "extract" else {}),
         "strategy": cfg.strategy,
         "backbone": backbone.config.name,
         "head": head_spec.describe(backbone.feature_dim, len(split.classes)),
@@ -398,9 +449,13 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
         "skipped_files": [s.to_dict() for s in skipped],
         "resumes": pos["resumes"],
     }
-    write_json(out / RESULTS, results)
-    write_json(out / CONFIG, run_config(cfg, device))
-    ckpt_path.unlink(missing_ok=True)  # the run is complete: model.safetensors is the result
+    if dist.enabled:
+        results["world_size"] = dist.world
+    if dist.is_main:
+        write_json(out / RESULTS, results)
+        write_json(out / CONFIG, run_config(cfg, device) | {"world_size": dist.world})
+        ckpt_path.unlink(missing_ok=True)  # the run is complete: model.safetensors is the result
+    barrier(dist)
     log(
         f"done: val accuracy {results['val_accuracy']:.4f} (epoch {results['best_epoch']}), "
         f"frozen tensors changed {results['frozen_tensors_changed']}/"
@@ -426,6 +481,7 @@ def run_epoch(
     desc: str = "",
     totals: dict | None = None,
     on_step=None,
+    dist: DistInfo = DistInfo(),
 ) -> dict:
     """One pass over `loader`; trains when an optimizer is given. Returns mean loss and accuracy.
 
@@ -436,7 +492,7 @@ def run_epoch(
     net.train(training)
     t = totals if totals is not None else new_totals()
     grad = torch.enable_grad() if training else torch.inference_mode()
-    bar = tqdm(loader, desc=desc, leave=False, disable=None, unit="batch")
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if dist.is_main else True, unit="batch")
     with grad:
         for batch in bar:
             batch: Batch
@@ -448,6 +504,8 @@ def run_epoch(
                     on_step(t)
                 continue
             x, y = to_device(batch.x, device), to_device(batch.y, device)
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             with autocast_for(device, training=training):
                 logits = net(x)
                 loss = loss_fn(logits, y)
@@ -480,8 +538,8 @@ def run_epoch(
             if on_step is not None:
                 on_step(t)
     bar.close()
-    seen = t["seen"]
-    return {"loss": t["loss_sum"] / max(seen, 1), "acc": t["correct"] / max(seen, 1), "n": seen}
+    loss_sum, correct, seen = all_sum([t["loss_sum"], t["correct"], t["seen"]], dist, device)
+    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "n": int(seen)}
 
 
 def new_totals() -> dict:
@@ -509,24 +567,86 @@ class _FeatureDataset(Dataset):
         return len(self.y)
 
     def __getitem__(self, i: int):
-        return self.x[i], int(self.y[i]), int(self.index[i]), None
+        return self.x[i].float(), int(self.y[i]), int(self.index[i]), None
 
 
-def _feature_datasets(backbone, split: DataSplit, pp: Preprocess, cfg: TrainConfig, device):
-    """Features of train and val (un-augmented views) computed once."""
+def open_cache(cfg: TrainConfig, backbone, pp: Preprocess, views: str = "eval") -> FeatureCache | None:
+    """The feature cache for this backbone's exact weights and preprocessing (None if disabled)."""
+    if not cfg.cache:
+        return None
+    spec = {
+        "backbone": backbone.config.name,
+        "arch": backbone.config.arch,
+        "weights": weights_checksum(backbone),
+        "preprocess": pp.to_dict(),
+        "views": views,
+    }
+    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return FeatureCache(root, model_key(spec), spec)
+
+
+def feature_datasets(backbone, split: DataSplit, pp: Preprocess, cfg: TrainConfig, device, dist):
+    """Features of train and val (un-augmented views), from the cache or computed once.
+
+    Ranks of a torchrun job each extract a strided share, then gather. Returns the two datasets,
+    the files that failed, the seconds spent and cache statistics for results.json.
+    """
     tf = eval_transform(pp)
-    kw = dict(device=device, batch_size=64, num_workers=cfg.num_workers, draft=pp.resize_size)
-    ftr = extract_features(backbone, split.train, tf, desc="features train", **kw)
-    fva = extract_features(backbone, split.val, tf, desc="features val", **kw)
+    cache = open_cache(cfg, backbone, pp)
+    kw = dict(device=device, batch_size=64, num_workers=cfg.num_workers, draft=pp.resize_size, cache=cache)
+    ftr = gather_features(
+        extract_features(
+            backbone,
+            split.train,
+            tf,
+            desc="features train",
+            subset=shard(range(len(split.train)), dist),
+            **kw,
+        ),
+        dist,
+    )
+    fva = gather_features(
+        extract_features(
+            backbone, split.val, tf, desc="features val", subset=shard(range(len(split.val)), dist), **kw
+        ),
+        dist,
+    )
     secs = ftr.seconds + fva.seconds
     n = len(ftr.y) + len(fva.y)
-    log(f"features: {n} images in {secs:.1f}s ({n / max(secs, 1e-9):.1f} img/s)")
+    hits, misses = ftr.hits + fva.hits, ftr.misses + fva.misses
+    hit_rate = hits / max(hits + misses, 1)
+    where = f"cache {cache.dir}" if cache is not None else "no cache"
+    log(
+        f"features: {n} images in {secs:.1f}s, {misses} extracted "
+        f"({misses / max(secs, 1e-9):.1f} img/s), {hits} from {where} (hit rate {hit_rate:.0%})"
+    )
+    if cache is not None:
+        cache.close()
     # The feature datasets keep item indices, so failures and NaN reports still name files.
     return (
         _FeatureDataset(ftr.x, ftr.y, ftr.index),
         _FeatureDataset(fva.x, fva.y, fva.index),
         ftr.failed + fva.failed,
         secs,
+        {"cache_hit_rate": round(hit_rate, 6), "features_extracted": misses, "features_from_cache": hits},
+    )
+
+
+def gather_features(f: Features, dist: DistInfo) -> Features:
+    """Join every rank's share of the features, back in item order."""
+    if not dist.enabled:
+        return f
+    parts = all_gather_objects(f, dist)
+    index = torch.cat([p.index for p in parts])
+    order = torch.argsort(index)
+    return Features(
+        x=torch.cat([p.x for p in parts])[order],
+        y=torch.cat([p.y for p in parts])[order],
+        index=index[order],
+        failed=[s for p in parts for s in p.failed],
+        seconds=max(p.seconds for p in parts),
+        hits=sum(p.hits for p in parts),
+        misses=sum(p.misses for p in parts),
     )
 
 
@@ -558,8 +678,8 @@ def never_loaded_failures(sampler: ResumableSampler, batch_size: int, epochs: in
     n = len(items)
     tail = n - n % batch_size
     unseen = set(range(n))
-    for e in range(1, epochs + 1):
-        unseen &= set(sampler.order(e)[tail:])
+    for order in sampler.orders(epochs):
+        unseen &= set(order[tail:])
     failures = {}
     for i in sorted(unseen):
         try:
@@ -641,10 +761,12 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: tensors[n].detach().clone() for n in names}
 
 
-def preprocess_of(backbone) -> Preprocess:
-    """The eval preprocessing a backbone expects."""
+def preprocess_of(backbone, image_size: int | None = None) -> Preprocess:
+    """The eval preprocessing a backbone expects, optionally at another input size."""
     c = backbone.config
-    return Preprocess(c.input_size, c.mean, c.std, c.interpolation, c.crop_pct)
+    if image_size is not None and image_size < 32:
+        raise ConfigError(f"--image-size {image_size} is too small; use 32 or more.")
+    return Preprocess(image_size or c.input_size, c.mean, c.std, c.interpolation, c.crop_pct)
 
 
 def prepare_output(output: str, *, overwrite: bool, resume: bool = False) -> Path:
@@ -694,5 +816,6 @@ def run_config(cfg: TrainConfig, device: torch.device) -> dict:
 
 
 def log(msg: str) -> None:
-    """One clean line per event on stderr (progress bars only when it is a terminal)."""
-    tqdm.write(msg, file=sys.stderr)
+    """One clean line per event on stderr (progress bars only when it is a terminal); rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        tqdm.write(msg, file=sys.stderr)

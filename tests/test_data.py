@@ -1,0 +1,78 @@
+"""Data layouts, splits, skipped files and image modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from headstart.data import load_image, resolve_data, stratified_split, to_rgb
+from headstart.errors import ConfigError, DataError
+
+from conftest import make_class_tree, make_image
+
+
+def test_train_val_layout(tiny_split):
+    s = resolve_data(tiny_split)
+    assert s.classes == ["green", "red"]
+    assert (len(s.train), len(s.val)) == (24, 10)
+    assert s.counts("val") == {"green": 5, "red": 5}
+    assert s.layout == "train/ + val/"
+
+
+def test_separate_val_folder(tmp_path):
+    make_class_tree(tmp_path / "a", per_class=4)
+    make_class_tree(tmp_path / "b", classes=("red",), per_class=2)
+    s = resolve_data(tmp_path / "a", val=tmp_path / "b")
+    assert len(s.train) == 8 and len(s.val) == 2
+    assert {y for _, y in s.val} == {s.classes.index("red")}  # labels remapped by name
+
+
+def test_single_tree_is_split_stratified_and_seeded(tiny_tree):
+    a = resolve_data(tiny_tree, val_fraction=0.2, seed=1)
+    b = resolve_data(tiny_tree, val_fraction=0.2, seed=1)
+    c = resolve_data(tiny_tree, val_fraction=0.2, seed=2)
+    assert a.val == b.val and a.val != c.val
+    assert a.counts("val") == {"blue": 2, "green": 2, "red": 2}
+    assert not set(a.train) & set(a.val)
+    with pytest.raises(ConfigError):
+        stratified_split(a.train, 1.5, 0)
+
+
+def test_non_images_and_strays_are_listed_not_fatal(tiny_split):
+    (tiny_split / "train" / "red" / "notes.txt").write_text("hello")
+    (tiny_split / "train" / "red" / ".DS_Store").write_bytes(b"\0")
+    (tiny_split / "train" / "empty").mkdir()
+    s = resolve_data(tiny_split)
+    reasons = {p.rsplit("/", 1)[-1]: r for p, r in ((k.path, k.reason) for k in s.skipped)}
+    assert reasons["notes.txt"] == "not an image file extension"
+    assert reasons[".DS_Store"] == "hidden or system file"
+    assert "empty class folder" in reasons["empty"]
+    assert s.classes == ["green", "red"]
+
+
+def test_errors_name_the_problem(tmp_path, tiny_split):
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_data(tmp_path / "missing")
+    make_class_tree(tmp_path / "one", classes=("red",), per_class=3)
+    with pytest.raises(DataError, match="at least 2"):
+        resolve_data(tmp_path / "one")
+    make_class_tree(tmp_path / "v", classes=("red", "blue"), per_class=2)
+    with pytest.raises(DataError, match="blue"):
+        resolve_data(tiny_split / "train", val=tmp_path / "v")
+
+
+def test_modes_become_rgb(tmp_path):
+    arr16 = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    p16 = tmp_path / "deep.png"
+    Image.fromarray(arr16).save(p16)
+    img = load_image(p16)
+    assert img.mode == "RGB"
+    v = np.asarray(img)[..., 0]
+    assert v.max() > 200 and v.min() < 10 and len(np.unique(v)) > 100  # scaled, not saturated
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    make_image(tmp_path / "x.jpg", (10, 200, 10))
+    # draft decodes at the smallest DCT scale that still covers the requested size
+    assert load_image(tmp_path / "x.jpg", draft=16).size == (20, 20)
+    assert load_image(tmp_path / "x.jpg", draft=30).size == (40, 40)

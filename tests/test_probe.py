@@ -1,0 +1,66 @@
+"""Linear probe: C by cross-validation, folded exactly into the linear head."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import headstart
+from headstart.errors import ConfigError
+from headstart.probe import CS, fit_probe
+
+from conftest import TINY
+
+
+def _softmax(z):
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_folded_head_reproduces_sklearn_probabilities(n_classes):
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(n_classes), 30)
+    x = rng.normal(size=(len(y), 16)) * 3 + 5 + y[:, None] * 0.8
+    fit = fit_probe(x, y, seed=0)
+    assert fit.C in CS and fit.cv_folds == 5 and fit.weight.shape == (n_classes, 16)
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=fit.C, max_iter=3000)).fit(x, y)
+    ours = _softmax(x @ fit.weight.T + fit.bias)
+    assert np.allclose(ours, ref.predict_proba(x), atol=1e-6)
+
+
+def test_svm_and_bad_classifier():
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1], 20)
+    x = rng.normal(size=(40, 8)) + y[:, None] * 2
+    fit = fit_probe(x, y, classifier="svm")
+    assert fit.classifier == "svm" and ((x @ fit.weight.T + fit.bias).argmax(1) == y).mean() > 0.9
+    with pytest.raises(ConfigError, match="logistic or svm"):
+        fit_probe(x, y, classifier="forest")
+
+
+def test_linear_probe_run_folder(tiny_split, tmp_path):
+    r = headstart.train(tiny_split, output=tmp_path / "lp", strategy="linear-probe", backbone=TINY,
+                        weights="none", num_workers=0)  # fmt: skip
+    res = json.loads((tmp_path / "lp" / "results.json").read_text())
+    assert res["val_accuracy"] == 1.0 and res["probe_C"] in CS and res["classifier"] == "logistic"
+    assert res["frozen_tensors_changed"] == 0 and res["trainable_tensors_changed"] == 2
+    files = sorted(str(p) for p in (tiny_split / "val").rglob("*.png"))
+    preds = headstart.load(tmp_path / "lp").predict(files)
+    assert [p.label for p in preds] == [f.split("/")[-2] for f in files]
+    assert headstart.evaluate(tmp_path / "lp")["accuracy"] == r["val_accuracy"]
+    with pytest.raises(ConfigError, match="linear head"):
+        headstart.train(tiny_split, output=tmp_path / "x", strategy="linear-probe", head="mlp:8",
+                        backbone=TINY, weights="none")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_linear_probe_on_ants_and_bees(hymenoptera, tmp_path):
+    r = headstart.train(hymenoptera, output=tmp_path / "lp", strategy="linear-probe")
+    assert r["val_accuracy"] >= 0.93

@@ -1,0 +1,111 @@
+"""The training loop and the run-folder contract, on tiny generated images and a tiny backbone."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import headstart
+from headstart.device import pick_device
+from headstart.errors import ConfigError
+
+from conftest import TINY
+
+FAST = dict(backbone=TINY, weights="none", epochs=12, lr=0.05, batch_size=8, num_workers=0)
+
+
+def test_extract_writes_the_run_contract(tiny_split, tmp_path):
+    out = tmp_path / "run"
+    r = headstart.train(tiny_split, output=out, **FAST)
+    for f in ("config.json", "metrics.csv", "model.safetensors", "model.json", "results.json", "split.json"):
+        assert (out / f).is_file(), f
+    res = json.loads((out / "results.json").read_text())
+    for key in ("val_accuracy", "val_loss", "best_epoch", "train_seconds", "trainable_params",
+                "frozen_params", "frozen_tensors_checked", "frozen_tensors_changed",
+                "trainable_tensors_changed", "device", "num_train", "num_val", "skipped_files"):  # fmt: skip
+        assert key in res, key
+    assert res["val_accuracy"] == 1.0 and r["val_accuracy"] == 1.0
+    assert res["frozen_tensors_changed"] == 0 and res["frozen_tensors_checked"] > 50
+    assert res["trainable_tensors_changed"] == 2
+    assert (res["num_train"], res["num_val"]) == (24, 10)
+    assert res["device"] == str(pick_device("auto"))
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == 12
+    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+    model = json.loads((out / "model.json").read_text())
+    assert model["classes"] == ["green", "red"]
+    assert model["backbone"]["name"] == TINY and model["head"]["kind"] == "linear"
+    assert model["preprocessing"]["input_size"] == 160
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["options"]["lr"] == 0.05 and cfg["versions"]["torch"] == torch.__version__
+    best = rows[res["best_epoch"] - 1]
+    assert float(best["val_acc"]) == res["val_accuracy"]
+
+
+def test_saved_model_predicts_identically_after_fresh_load(tiny_split, tmp_path):
+    r = headstart.train(tiny_split, output=tmp_path / "run", **FAST)
+    files = sorted(str(p) for p in (tiny_split / "val").rglob("*.png"))
+    p1 = r.load().predict_proba(files)
+    p2 = headstart.load(tmp_path / "run").predict_proba(files)
+    assert np.array_equal(p1, p2)
+    preds = headstart.load(tmp_path / "run").predict(files, top_k=2)
+    assert [p.label for p in preds] == [f.split("/")[-2] for f in files]
+    assert all(abs(sum(p.probabilities) - 1) < 1e-5 for p in preds)
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "full", "scratch"])
+def test_backbone_training_strategies(tiny_split, tmp_path, strategy):
+    r = headstart.train(tiny_split, output=tmp_path / strategy, strategy=strategy,
+                        **{**FAST, "epochs": 6, "lr": 0.01})  # fmt: skip
+    res = r.results
+    assert res["frozen_tensors_changed"] == 0
+    if strategy == "finetune":
+        assert res["frozen_params"] > 0 and res["frozen_tensors_checked"] > 0
+        assert res["trainable_tensors_changed"] > 2  # backbone tensors moved too
+    else:
+        assert res["frozen_params"] == 0
+    assert res["val_accuracy"] >= 0.5
+
+
+def test_options_binary_head_sgd_step_schedule_class_weights(tiny_split, tmp_path):
+    r = headstart.train(tiny_split, output=tmp_path / "b", head="binary", optimizer="sgd",
+                        schedule="step", step_size=5, class_weights="balanced",
+                        label_smoothing=0.1, **FAST)  # fmt: skip
+    assert r["val_accuracy"] == 1.0 and r["head"].endswith("→1")
+    lrs = [m["lr"] for m in r.metrics]
+    assert lrs[0] == pytest.approx(0.05) and lrs[-1] == pytest.approx(0.0005)
+    r2 = headstart.train(tiny_split, output=tmp_path / "m", head="mlp:32", dropout=0.1, **FAST)
+    assert r2["head"] == "256→32→2"
+
+
+def test_early_stopping(tiny_split, tmp_path):
+    """Validation labels swapped: val only gets worse as training goes on, so it stops early."""
+    swapped = tmp_path / "swapped"
+    (tiny_split / "val" / "red").rename(tmp_path / "tmp")
+    (tiny_split / "val" / "green").rename(tiny_split / "val" / "red")
+    (tmp_path / "tmp").rename(tiny_split / "val" / "green")
+    (tiny_split / "val").rename(swapped)
+    r = headstart.train(tiny_split / "train", val=swapped, output=tmp_path / "es", patience=2,
+                        **{**FAST, "epochs": 40})  # fmt: skip
+    assert r["epochs_run"] == r["best_epoch"] + 2 < 40
+
+
+def test_refuses_to_overwrite_and_bad_options(tiny_split, tmp_path):
+    headstart.train(tiny_split, output=tmp_path / "r", **{**FAST, "epochs": 1})
+    with pytest.raises(ConfigError, match="--overwrite"):
+        headstart.train(tiny_split, output=tmp_path / "r", **{**FAST, "epochs": 1})
+    headstart.train(tiny_split, output=tmp_path / "r", overwrite=True, **{**FAST, "epochs": 1})
+    with pytest.raises(ConfigError, match="Unknown train option"):
+        headstart.train(tiny_split, output=tmp_path / "x", epoch=3)
+    with pytest.raises(ConfigError, match="strategy"):
+        headstart.train(tiny_split, output=tmp_path / "x", strategy="magic")
+
+
+def test_seeded_runs_repeat(tiny_split, tmp_path):
+    a = headstart.train(tiny_split, output=tmp_path / "a", strategy="finetune", **{**FAST, "epochs": 2})
+    b = headstart.train(tiny_split, output=tmp_path / "b", strategy="finetune", **{**FAST, "epochs": 2})
+    assert a.metrics[-1]["train_loss"] == b.metrics[-1]["train_loss"]
