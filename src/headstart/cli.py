@@ -11,7 +11,7 @@ from headstart.errors import HeadstartError
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="folder with train/ and val/ class subfolders, or one class tree")
+    p.add_argument("data", nargs="?", help="folder with train/ and val/ class subfolders, or one class tree")
     p.add_argument("--output", "-o", default=None, help="run folder (default: runs/NAME-STRATEGY)")
     p.add_argument("--val", default=None, help="separate validation folder of class subfolders")
     p.add_argument(
@@ -82,6 +82,20 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     r.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also checkpoint every N training steps (always: after every epoch)",
+    )
+    r.add_argument(
+        "--resume",
+        metavar="RUN",
+        default=None,
+        help="continue a stopped or killed run from RUN/checkpoint.pt, with its saved options",
+    )
+    r.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
+    r.add_argument(
         "--cache-dir", default=None, help="feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart)"
     )
     r.add_argument("--no-cache", action="store_true", help="compute features without the disk cache")
@@ -126,8 +140,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(a: argparse.Namespace) -> int:
     """headstart train."""
     from headstart.data import Augment
-    from headstart.train import train
+    from headstart.errors import ConfigError
+    from headstart.train import resume, train
 
+    if a.resume:
+        if a.data:
+            raise ConfigError(
+                f"--resume {a.resume} continues that run with the options saved in it; "
+                f"leave out DATA ({a.data!r})."
+            )
+        return _print_result(resume(a.resume))
+    if not a.data:
+        raise ConfigError("headstart train needs DATA (a folder of class subfolders), or --resume RUN.")
     output = a.output or os.path.join("runs", f"{os.path.basename(os.path.normpath(a.data))}-{a.strategy}")
     result = train(
         a.data,
@@ -159,6 +183,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         num_workers=a.workers,
         max_bad_fraction=a.max_bad_fraction,
         overwrite=a.overwrite,
+        checkpoint_every=a.checkpoint_every,
+        deterministic=a.deterministic,
         cache_dir=a.cache_dir,
         cache=not a.no_cache,
         classifier=a.classifier,
@@ -171,6 +197,10 @@ def cmd_train(a: argparse.Namespace) -> int:
             color_jitter=a.color_jitter,
         ),
     )
+    return _print_result(result)
+
+
+def _print_result(result) -> int:
     r = result.results
     print(
         f"val_accuracy={r['val_accuracy']:.4f} val_loss={r['val_loss']:.4f} "
@@ -241,6 +271,23 @@ def cmd_predict(a: argparse.Namespace) -> int:
             pairs = "\t".join(f"{lab}\t{pr:.4f}" for lab, pr in zip(p.labels, p.probabilities, strict=True))
             print(f"{p.path}\t{pairs}")
     return 0
+
+
+def cmd_doctor(a: argparse.Namespace) -> int:
+    """headstart doctor."""
+    from headstart.doctor import diagnose, format_report, input_size_of, quarantine
+
+    report = diagnose(a.data, input_size=input_size_of(a.backbone), duplicates=not a.no_duplicates)
+    moved = quarantine(report, a.quarantine) if a.quarantine else []
+    if a.json:
+        print(json.dumps(report.to_dict() | ({"quarantined": moved} if a.quarantine else {}), indent=2))
+    else:
+        print(format_report(report, limit=a.limit))
+        if a.quarantine:
+            print(
+                f"quarantine: moved {len(moved)} unusable files to {a.quarantine} (manifest quarantine.json)"
+            )
+    return 1 if a.strict and report.problems else 0
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -327,6 +374,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on an image folder")
     _train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("doctor", help="find unusable, odd, duplicate and leaking files in a dataset")
+    p.add_argument("data", help="dataset folder (train/ + val/ class subfolders, or one class tree)")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument(
+        "--quarantine",
+        metavar="DIR",
+        default=None,
+        help="move unusable files to DIR (relative paths kept, manifest written; nothing deleted)",
+    )
+    p.add_argument(
+        "--backbone", "-b", default=None, help="judge tiny images against this backbone's input size"
+    )
+    p.add_argument("--no-duplicates", action="store_true", help="skip hashing (faster on huge sets)")
+    p.add_argument("--limit", type=int, default=20, help="rows shown per section (JSON has all)")
+    p.add_argument(
+        "--strict", action="store_true", help="exit 1 if unusable files or leaking/conflicting duplicates"
+    )
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("summary", help="layers, output shapes, params, trainable/frozen")
     p.add_argument("backbone", nargs="?", default="efficientnet_lite0")

@@ -205,7 +205,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: 16-bit scaled (not clipped), transparency on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        # I;16 is 16-bit by definition (a dark frame stays dark); I/F: guess from the values
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -234,6 +235,40 @@ def load_image(path: str | os.PathLike, *, draft: int | None = None) -> Image.Im
             img = ImageOps.exif_transpose(img)
             img.load()
             return to_rgb(img)
+
+
+# Leading bytes of formats Pillow cannot read here, named so the user knows what the file is.
+_FOREIGN_MAGIC = (
+    (b"ftypheic", "HEIC"), (b"ftypheix", "HEIC"), (b"ftypmif1", "HEIF"), (b"ftypavif", "AVIF"),
+    (b"%PDF", "PDF"), (b"8BPS", "Photoshop PSD"), (b"<svg", "SVG"), (b"<?xml", "XML/SVG"),
+    (b"PK\x03\x04", "ZIP archive"), (b"<!DOCTYPE html", "HTML page"), (b"<html", "HTML page"),
+)  # fmt: skip
+
+
+def explain_failure(path: str | os.PathLike, e: BaseException) -> str:
+    """A reason a person can act on for a file load_image refused (shared by training and doctor)."""
+    msg = str(e).splitlines()[0] if str(e) else ""
+    if isinstance(e, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        return f"decompression bomb: {msg}"
+    if isinstance(e, PermissionError):
+        return "unreadable: permission denied"
+    if isinstance(e, Image.UnidentifiedImageError):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(512)
+        except OSError as oe:
+            return f"unreadable: {oe}"
+        if not head:
+            return "empty file (0 bytes)"
+        for magic, name in _FOREIGN_MAGIC:
+            if magic in head[:64]:
+                return f"unsupported format: {name} file with a {Path(path).suffix} extension"
+        if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+            return f"not an image: a text file with a {Path(path).suffix} extension"
+        return "not an image: content is no known image format despite the extension"
+    if isinstance(e, OSError) and "truncated" in msg:
+        return f"truncated file: {msg}"
+    return f"{type(e).__name__}: {msg}"
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -331,12 +366,20 @@ def train_transform(pp: Preprocess, aug: Augment = Augment()) -> T.Compose:
 
 
 class ImageDataset(Dataset):
-    """(path, label) items -> (tensor, label, index); a file that fails yields its error instead."""
+    """(path, label) items -> (tensor, label, index); a file that fails yields its error instead.
 
-    def __init__(self, items: list[tuple[str, int]], transform, *, draft: int | None = None):
+    With `seed`, each sample's random augmentation is seeded by (seed, epoch, index), so it does
+    not depend on the number of DataLoader workers or on where a resumed run restarted.
+    """
+
+    def __init__(
+        self, items: list[tuple[str, int]], transform, *, draft: int | None = None, seed: int | None = None
+    ):
         self.items = items
         self.transform = transform
         self.draft = draft
+        self.seed = seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -344,9 +387,18 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         path, label = self.items[i]
         try:
-            x = self.transform(load_image(path, draft=self.draft))
+            img = load_image(path, draft=self.draft)
+            if self.seed is None:
+                x = self.transform(img)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    # only the CPU generator: torch.manual_seed would also reseed CUDA's
+                    torch.default_generator.manual_seed(
+                        ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**63
+                    )
+                    x = self.transform(img)
         except Exception as e:  # noqa: BLE001 - reported per file, never fatal here
-            return None, label, i, f"{type(e).__name__}: {e}"
+            return None, label, i, explain_failure(path, e)
         return x, label, i, None
 
 
@@ -387,11 +439,11 @@ def make_loader(
     *,
     batch_size: int,
     shuffle: bool,
-    sampler=None,
     num_workers: int | None = None,
     seed: int = 0,
     pin_memory: bool = False,
     drop_last: bool = False,
+    sampler=None,
 ) -> DataLoader:
     """A DataLoader with seeded shuffling and worker seeding, so runs repeat exactly."""
     workers = default_workers() if num_workers is None else num_workers
@@ -400,7 +452,7 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else None,
         sampler=sampler,
         num_workers=workers,
         collate_fn=collate,

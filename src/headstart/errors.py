@@ -39,6 +39,12 @@ class TrainingDiverged(HeadstartError):
     exit_code = 3
 
 
+class RunInterrupted(HeadstartError):
+    """SIGTERM or Ctrl-C stopped training after saving a checkpoint; `--resume` continues it."""
+
+    exit_code = 130
+
+
 def did_you_mean(value: str, choices: list[str], n: int = 3) -> str:
     """Return ' Did you mean: a, b?' for the closest choices, or ''."""
     import difflib

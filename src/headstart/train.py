@@ -3,11 +3,13 @@
 setup (seed, device, data, backbone, head, freezing, frozen proof)
 -> [extract: run the frozen backbone once and train the head on its features]
 -> per epoch: train, validate, log a metrics.csv row, keep the best weights, stop early if asked
+   (a checkpoint after every epoch and every --checkpoint-every steps; --resume continues one)
 -> verify the frozen proof -> save model.safetensors, model.json, results.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -29,6 +31,16 @@ from tqdm.auto import tqdm
 from headstart import __version__
 from headstart.backbones import DEFAULT_BACKBONE, create_backbone
 from headstart.cache import FeatureCache, default_cache_dir, model_key, weights_checksum
+from headstart.checkpoint import (
+    CHECKPOINT,
+    ResumableSampler,
+    StopRequest,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    tensor_fingerprint,
+)
 from headstart.data import (
     Augment,
     Batch,
@@ -37,6 +49,8 @@ from headstart.data import (
     Preprocess,
     Skipped,
     eval_transform,
+    explain_failure,
+    load_image,
     make_loader,
     resolve_data,
     train_transform,
@@ -50,7 +64,7 @@ from headstart.distributed import (
     init_distributed,
     shard,
 )
-from headstart.errors import ConfigError, DataError, TrainingDiverged
+from headstart.errors import ConfigError, DataError, RunInterrupted, TrainingDiverged
 from headstart.features import Features, extract_features
 from headstart.freezing import (
     STRATEGIES,
@@ -61,7 +75,7 @@ from headstart.freezing import (
 )
 from headstart.heads import HeadSpec, make_loss
 from headstart.model import TransferModel
-from headstart.runs import CONFIG, METRICS, RESULTS, SPLIT, save_model, write_json
+from headstart.runs import CONFIG, METRICS, RESULTS, SPLIT, read_json, save_model, write_json
 
 # Strategy-dependent defaults: a head on cached features is cheap, backbone epochs are not.
 DEFAULT_EPOCHS = {"extract": 30, "finetune": 8, "full": 8, "scratch": 15, "linear-probe": 1}
@@ -108,6 +122,8 @@ class TrainConfig:
     augment: Augment = field(default_factory=Augment)
     max_bad_fraction: float = 0.05
     overwrite: bool = False
+    checkpoint_every: int | None = None
+    deterministic: bool = False
     cache_dir: str | None = None
     cache: bool = True
     classifier: str = "logistic"
@@ -128,6 +144,7 @@ class TrainConfig:
             ("lr", c.lr > 0),
             ("label_smoothing", 0 <= c.label_smoothing < 1),
             ("max_bad_fraction", 0 <= c.max_bad_fraction <= 1),
+            ("checkpoint_every", c.checkpoint_every is None or c.checkpoint_every >= 1),
         ):
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')} has an invalid value: {getattr(c, name)}.")
@@ -144,6 +161,15 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["unfreeze_patterns"] = list(self.unfreeze_patterns)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Inverse of to_dict (options of config.json); unknown keys from other versions are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["augment"] = Augment(**d.get("augment", {}))
+        d["unfreeze_patterns"] = tuple(d.get("unfreeze_patterns", ()))
+        return cls(**d)
 
 
 @dataclass
@@ -183,27 +209,54 @@ def train(data: str, *, output: str, **options) -> TrainResult:
     return run_training(cfg)
 
 
-def run_training(cfg: TrainConfig) -> TrainResult:
+def resume(run_dir: str | Path) -> TrainResult:
+    """Continue a stopped or killed run from its checkpoint, with the options in its config.json."""
+    run_dir = Path(run_dir)
+    cfg = TrainConfig.from_dict(read_json(run_dir / CONFIG)["options"])
+    cfg.output = str(run_dir)
+    return run_training(cfg, resume=True)
+
+
+def run_training(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Train from a TrainConfig; the body of `train`."""
     cfg = cfg.resolved()
     if cfg.strategy == "linear-probe":
         from headstart.probe import run_linear_probe
 
         return run_linear_probe(cfg)
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    try:
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by CUDA matmuls
+            torch.use_deterministic_algorithms(True)
+        return _run_training(cfg, resume=resume)
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+
+
+def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)  # torchrun: one process per device, rank 0 writes
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    out = prepare_output(cfg.output, overwrite=cfg.overwrite) if dist.is_main else Path(cfg.output)
+    if dist.is_main:
+        out = prepare_output(cfg.output, overwrite=cfg.overwrite, resume=resume)
+    else:
+        out = Path(cfg.output)
     barrier(dist)
     seed_everything(cfg.seed)
     threads = configure_threads()
+    if dist.is_main and not resume:
+        write_json(out / CONFIG, run_config(cfg, device))  # --resume reads the options back
 
-    # --- data
-    split = resolve_data(cfg.data, val=cfg.val, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    if dist.is_main:
-        write_json(out / SPLIT, split.to_dict())
+    # --- data (a resumed run reuses the exact file lists it started with)
+    if resume and (out / SPLIT).is_file():
+        split = DataSplit.from_dict(read_json(out / SPLIT))
+    else:
+        split = resolve_data(cfg.data, val=cfg.val, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        if dist.is_main:
+            write_json(out / SPLIT, split.to_dict())
 
     # --- model: backbone (pretrained unless scratch), new head, freezing, frozen proof
     weights = "none" if cfg.strategy == "scratch" else cfg.weights
@@ -229,6 +282,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     # --- inputs: features (extract) or images (everything else)
     timings = {"extract_seconds": 0.0}
     skipped = list(split.skipped)
+    feature_id = None
     if cfg.strategy == "extract":
         net: nn.Module = model.head
         train_ds, val_ds, bad, timings["extract_seconds"], feature_stats = feature_datasets(
@@ -237,51 +291,102 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         check_bad_fraction(bad, split, cfg.max_bad_fraction)
         skipped += bad
         workers = 0
+        feature_id = tensor_fingerprint(train_ds.x, val_ds.x)
     else:
         net = model
         draft = pp.resize_size
-        train_ds = ImageDataset(split.train, train_transform(pp, cfg.augment), draft=draft)
+        train_ds = ImageDataset(split.train, train_transform(pp, cfg.augment), draft=draft, seed=cfg.seed)
         val_ds = ImageDataset(split.val, eval_transform(pp), draft=draft)
         workers = cfg.num_workers
     pin = device.type == "cuda"
-    # Each rank trains on its DistributedSampler share (--batch-size is per process) and
-    # validates a strided share of val; sums are all-reduced, so metrics cover every image once.
-    sampler = DistributedSampler(train_ds, seed=cfg.seed) if dist.enabled else None
+    # The order is a function of (seed, epoch), so a resumed run can start mid-epoch exactly.
+    # Under torchrun each rank trains on its DistributedSampler share (--batch-size is per
+    # process) and validates a strided share of val; sums are all-reduced.
+    if dist.enabled:
+        sampler = DistributedSampler(train_ds, seed=cfg.seed)
+    else:
+        sampler = ResumableSampler(len(train_ds), seed=cfg.seed)
     per_rank = len(train_ds) // dist.world
     train_loader = make_loader(
-        train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+        train_ds, batch_size=cfg.batch_size, shuffle=True, sampler=sampler,
         num_workers=workers, seed=cfg.seed, pin_memory=pin, drop_last=per_rank > cfg.batch_size,
     )  # fmt: skip
     val_loader = make_loader(
         Subset(val_ds, shard(list(range(len(val_ds))), dist)), batch_size=max(cfg.batch_size, 64),
         shuffle=False, num_workers=workers, pin_memory=pin,
     )  # fmt: skip
+    steps_per_epoch = len(train_loader)
     if dist.enabled:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(train_loader))
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=steps_per_epoch)
 
-    # --- the loop
+    # --- the loop, checkpointed (headstart.checkpoint) so --resume continues it exactly
     metrics: list[dict] = []
     best = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None}
     bad_files: dict[str, str] = {}
+    pos = {"epoch": 1, "totals": None, "resumes": 0}  # where the loop (re)starts
+    ckpt_path = out / CHECKPOINT
+
+    # under torchrun: rank 0 writes, epoch checkpoints only (DistributedSampler cannot start mid-epoch)
+    step_checkpoints = cfg.checkpoint_every if not dist.enabled else None
+
+    def checkpoint(epoch: int, totals: dict | None) -> None:
+        if not dist.is_main:
+            return
+        save_checkpoint(ckpt_path, {
+            "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler else None, "rng": rng_state(),
+            "epoch": epoch, "totals": totals, "best": best, "metrics": metrics,
+            "bad_files": bad_files, "feature_id": feature_id, "resumes": pos["resumes"],
+        })  # fmt: skip
+
+    if resume and ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        restore_checkpoint(ck, net, optimizer, scheduler, feature_id=feature_id)
+        best, metrics, bad_files = ck["best"], ck["metrics"], ck["bad_files"]
+        pos.update(epoch=ck["epoch"], totals=ck["totals"], resumes=ck["resumes"] + 1)
+        done = (pos["totals"] or {}).get("batches", 0)
+        log(f"resumed from {ckpt_path} at epoch {pos['epoch']}, batch {done}")
     t_train = time.perf_counter()
-    with open(out / METRICS if dist.is_main else os.devnull, "w", newline="") as fcsv:
+    # signals stop cleanly after a step; under torchrun the launcher handles them
+    with (
+        open(out / METRICS if dist.is_main else os.devnull, "w", newline="") as fcsv,
+        StopRequest() if not dist.enabled else contextlib.nullcontext() as stop,
+    ):
         writer = csv.DictWriter(
             fcsv, ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
         )
         writer.writeheader()
-        for epoch in range(1, cfg.epochs + 1):
+        writer.writerows(metrics)
+        for epoch in range(pos["epoch"], cfg.epochs + 1):
             t0 = time.perf_counter()
-            lr_now = optimizer.param_groups[0]["lr"]
-            if sampler is not None:
+            totals = pos["totals"] if epoch == pos["epoch"] and pos["totals"] else new_totals()
+            if isinstance(sampler, ResumableSampler):
+                sampler.set_epoch(epoch, start=totals["batches"] * cfg.batch_size)
+            else:
                 sampler.set_epoch(epoch)
+            train_ds.epoch = epoch
+
+            def after_step(totals: dict, epoch: int = epoch) -> None:
+                step = (epoch - 1) * steps_per_epoch + totals["batches"]
+                if len(bad_files) > cfg.max_bad_fraction * (len(split.train) + len(split.val)):
+                    bad = [Skipped(p, r) for p, r in bad_files.items()]
+                    check_bad_fraction(bad, split, cfg.max_bad_fraction, so_far=True)
+                if stop or (step_checkpoints and step % step_checkpoints == 0):
+                    checkpoint(epoch, totals)
+                if stop:
+                    raise interrupted(stop.signal, out, epoch, totals["batches"], steps_per_epoch)
+
+            lr_now = optimizer.param_groups[0]["lr"] if not totals["batches"] else totals["lr"]
+            totals["lr"] = lr_now
             tr = run_epoch(net, train_loader, loss_fn, device, head_spec.kind,
                            optimizer=optimizer, scheduler=scheduler, items=split.train,
-                           bad_files=bad_files, desc=f"epoch {epoch}/{cfg.epochs}", dist=dist)  # fmt: skip
+                           bad_files=bad_files, desc=f"epoch {epoch}/{cfg.epochs}",
+                           totals=totals, on_step=after_step, dist=dist)  # fmt: skip
             va = run_epoch(net, val_loader, loss_fn, device, head_spec.kind,
                            items=split.val, bad_files=bad_files, desc="val", dist=dist)  # fmt: skip
-            if epoch == 1 and cfg.strategy != "extract":
+            if cfg.strategy != "extract":
                 check_bad_fraction([Skipped(p, r) for p, r in bad_files.items()], split, cfg.max_bad_fraction)
             row = {
                 "epoch": epoch,
@@ -304,14 +409,20 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                 f"  val loss {va['loss']:.4f} acc {va['acc']:.4f}  {row['seconds']:.1f}s"
                 + ("  *" if improved else "")
             )
-            if cfg.patience and epoch - best["epoch"] >= cfg.patience:
+            stop_early = bool(cfg.patience and epoch - best["epoch"] >= cfg.patience)
+            checkpoint(cfg.epochs + 1 if stop_early else epoch + 1, None)
+            if stop_early:
                 log(f"early stop: no val improvement for {cfg.patience} epochs")
                 break
+            if stop:
+                raise interrupted(stop.signal, out, epoch + 1, 0, steps_per_epoch)
     timings["head_train_seconds" if cfg.strategy == "extract" else "train_loop_seconds"] = (
         time.perf_counter() - t_train
     )
 
     # --- best weights back, prove the frozen part stayed frozen, save
+    if cfg.strategy != "extract" and train_loader.drop_last and isinstance(sampler, ResumableSampler):
+        bad_files.update(never_loaded_failures(sampler, cfg.batch_size, len(metrics), split.train))
     model.load_state_dict(best["state"], strict=False)
     frozen_report = proof.verify(model)
     skipped += [Skipped(p, r) for p, r in bad_files.items()]
@@ -337,12 +448,14 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         "num_val": len(split.val),
         "classes": split.classes,
         "skipped_files": [s.to_dict() for s in skipped],
+        "resumes": pos["resumes"],
     }
     if dist.enabled:
         results["world_size"] = dist.world
     if dist.is_main:
         write_json(out / RESULTS, results)
         write_json(out / CONFIG, run_config(cfg, device) | {"world_size": dist.world})
+        ckpt_path.unlink(missing_ok=True)  # the run is complete: model.safetensors is the result
         if cfg.calibrate:  # temperature scaling on the val split; updates model.json and results.json
             from headstart.calibrate import calibrate
 
@@ -371,20 +484,29 @@ def run_epoch(
     items: list[tuple[str, int]] | None = None,
     bad_files: dict[str, str] | None = None,
     desc: str = "",
+    totals: dict | None = None,
+    on_step=None,
     dist: DistInfo = DistInfo(),
 ) -> dict:
-    """One pass over `loader`; trains when an optimizer is given. Returns mean loss and accuracy."""
+    """One pass over `loader`; trains when an optimizer is given. Returns mean loss and accuracy.
+
+    `totals` (running sums, updated in place) lets a resumed epoch continue its averages;
+    `on_step(totals)` runs after each training batch (checkpoints, clean stop).
+    """
     training = optimizer is not None
     net.train(training)
-    total_loss, correct, seen = 0.0, 0, 0
+    t = totals if totals is not None else new_totals()
     grad = torch.enable_grad() if training else torch.inference_mode()
     bar = tqdm(loader, desc=desc, leave=False, disable=None if dist.is_main else True, unit="batch")
     with grad:
         for batch in bar:
             batch: Batch
+            t["batches"] += 1
             if bad_files is not None and items is not None:
                 bad_files.update({items[i][0]: why for i, why in batch.failed})
             if batch.x is None:
+                if on_step is not None:
+                    on_step(t)
                 continue
             x, y = to_device(batch.x, device), to_device(batch.y, device)
             if x.dim() == 4:
@@ -402,17 +524,32 @@ def run_epoch(
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as e:  # e.g. Adam's step size overflows float32 at --lr 1e38
+                    if "overflow" not in str(e):
+                        raise
+                    raise TrainingDiverged(
+                        f"The optimizer step overflowed ({e}); the learning rate "
+                        f"{optimizer.param_groups[0]['lr']:g} is far too large. Lower --lr."
+                    ) from e
                 if scheduler is not None:
                     scheduler.step()
             n = y.numel()
-            total_loss += loss.item() * n
-            correct += (predict_labels(logits, head_kind) == y).sum().item()
-            seen += n
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+            t["loss_sum"] += loss.item() * n
+            t["correct"] += (predict_labels(logits, head_kind) == y).sum().item()
+            t["seen"] += n
+            bar.set_postfix(loss=f"{t['loss_sum'] / t['seen']:.4f}", acc=f"{t['correct'] / t['seen']:.3f}")
+            if on_step is not None:
+                on_step(t)
     bar.close()
-    total_loss, correct, seen = all_sum([total_loss, correct, seen], dist, device)
-    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "n": int(seen)}
+    loss_sum, correct, seen = all_sum([t["loss_sum"], t["correct"], t["seen"]], dist, device)
+    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "n": int(seen)}
+
+
+def new_totals() -> dict:
+    """Running sums of one epoch (saved in checkpoints so a resumed epoch averages the same)."""
+    return {"batches": 0, "loss_sum": 0.0, "correct": 0, "seen": 0}
 
 
 def predict_labels(logits: torch.Tensor, head_kind: str) -> torch.Tensor:
@@ -518,13 +655,53 @@ def gather_features(f: Features, dist: DistInfo) -> Features:
     )
 
 
-def check_bad_fraction(bad: list[Skipped], split: DataSplit, limit: float) -> None:
+def restore_checkpoint(ck: dict, net: nn.Module, optimizer, scheduler, *, feature_id: str | None) -> None:
+    """Put weights, optimizer, scheduler and RNG states back as they were when `ck` was saved."""
+    net.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    if scheduler is not None and ck["scheduler"] is not None:
+        scheduler.load_state_dict(ck["scheduler"])
+    set_rng_state(ck["rng"])
+    if ck.get("feature_id") != feature_id:
+        log(
+            "warning: the features computed now differ from those of the interrupted run "
+            "(other machine, thread count or library version?); the resumed run continues but "
+            "will not be bit-identical to an uninterrupted one."
+        )
+
+
+def interrupted(signame: str, out: Path, epoch: int, batches: int, per_epoch: int) -> RunInterrupted:
+    """The clean-stop error: where the run stopped and the command that continues it."""
+    return RunInterrupted(
+        f"{signame} received: stopped at epoch {epoch}, batch {batches}/{per_epoch}, after saving "
+        f"{str(out / CHECKPOINT)!r}. Continue with: headstart train --resume {out}"
+    )
+
+
+def never_loaded_failures(sampler: ResumableSampler, batch_size: int, epochs: int, items: list) -> dict:
+    """Files that drop_last left out of every epoch are read once here, so none is silently unchecked."""
+    n = len(items)
+    tail = n - n % batch_size
+    unseen = set(range(n))
+    for order in sampler.orders(epochs):
+        unseen &= set(order[tail:])
+    failures = {}
+    for i in sorted(unseen):
+        try:
+            load_image(items[i][0], draft=64)
+        except Exception as e:  # noqa: BLE001 - reported like any other unreadable file
+            failures[items[i][0]] = explain_failure(items[i][0], e)
+    return failures
+
+
+def check_bad_fraction(bad: list[Skipped], split: DataSplit, limit: float, *, so_far: bool = False) -> None:
     """Stop with a pointer to `headstart doctor` when too many files of a split fail to load."""
     total = len(split.train) + len(split.val)
     if bad and len(bad) > limit * total:
         shown = "; ".join(f"{s.path} ({s.reason})" for s in bad[:5])
         raise DataError(
-            f"{len(bad)} of {total} images could not be loaded (limit {limit:.0%}, "
+            f"{'Already ' if so_far else ''}{len(bad)} of {total} images could not be loaded "
+            f"(limit {limit:.0%}, "
             f"--max-bad-fraction): {shown}{' …' if len(bad) > 5 else ''}. Run `headstart doctor "
             f"{split_root(split)}` to list every problem, and --quarantine to move them aside."
         )
@@ -597,14 +774,27 @@ def preprocess_of(backbone, image_size: int | None = None) -> Preprocess:
     return Preprocess(image_size or c.input_size, c.mean, c.std, c.interpolation, c.crop_pct)
 
 
-def prepare_output(output: str, *, overwrite: bool) -> Path:
-    """Create the run folder; refuse to mix a new run into a finished one unless asked."""
+def prepare_output(output: str, *, overwrite: bool, resume: bool = False) -> Path:
+    """Create the run folder; refuse to mix a new run into a finished or unfinished one unless asked."""
     out = Path(output)
+    if resume:
+        if (out / RESULTS).exists():
+            raise ConfigError(f"{str(out)!r} holds a finished run: there is nothing to resume.")
+        if not (out / CONFIG).exists():
+            raise ConfigError(f"{str(out)!r} is not a headstart run folder (no {CONFIG}); nothing to resume.")
+        return out
     if (out / RESULTS).exists() and not overwrite:
         raise ConfigError(
             f"{str(out)!r} already holds a finished run. Pass --overwrite to replace it, or "
             "choose another --output."
         )
+    if (out / CHECKPOINT).exists():
+        if not overwrite:
+            raise ConfigError(
+                f"{str(out)!r} holds an unfinished run (checkpoint.pt). Continue it with "
+                f"`headstart train --resume {out}`, or pass --overwrite to start again."
+            )
+        (out / CHECKPOINT).unlink()  # a stale checkpoint must never be resumed into a new run
     out.mkdir(parents=True, exist_ok=True)
     return out
 
