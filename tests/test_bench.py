@@ -15,3 +15,48 @@ def test_bench_api_and_cli():
     out = run_cli("bench", TINY, "--batch-size", "2", "--seconds", "0.05")
     assert out.returncode == 0, out.stderr
     assert "inference" in out.stdout and "images/s" in out.stdout
+    p = run_cli("bench", "timm:no_such_net")
+    assert p.returncode == 2 and "Unknown timm model" in p.stderr
+
+
+def test_inference_model_folds_bn_and_keeps_features():
+    import torch
+
+    from headstart.backbones import create_backbone
+    from headstart.fastpath import fold_batchnorm, inference_model
+
+    torch.manual_seed(0)
+    bb = create_backbone(TINY, weights="none").eval()
+    for m in bb.modules():  # non-trivial statistics, so folding has something to get wrong
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    fast = inference_model(bb, torch.device("cpu"))
+    assert fast is not bb and inference_model(bb, torch.device("cpu")) is fast  # built once
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), bb(x),
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert all(torch.equal(before[k], v) for k, v in bb.state_dict().items())  # original untouched
+    copy = create_backbone(TINY, weights="none")
+    assert fold_batchnorm(copy) > 0
+
+
+def test_inference_model_is_rebuilt_after_weights_change():
+    import torch
+
+    from headstart.backbones import create_backbone
+    from headstart.fastpath import inference_model
+
+    bb = create_backbone(TINY, weights="none").eval()
+    x = torch.randn(2, 3, 64, 64)
+    first = inference_model(bb, torch.device("cpu"))
+    with torch.no_grad():
+        next(bb.parameters()).mul_(2.0)  # as an optimizer step would
+    second = inference_model(bb, torch.device("cpu"))
+    assert second is not first
+    with torch.inference_mode():
+        torch.testing.assert_close(second(x), bb(x), rtol=1e-4, atol=1e-4)

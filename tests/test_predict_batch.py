@@ -42,7 +42,7 @@ def test_csv_columns_and_error_row_for_bad_file(run_and_folder, tmp_path):
     assert header == ["path", "label", "probability", "label_2", "probability_2", "error"]
     rows = _rows(out)
     bad = [x for x in rows if x["path"].endswith("broken.jpg")]
-    assert len(bad) == 1 and bad[0]["label"] == "" and "UnidentifiedImageError" in bad[0]["error"]
+    assert len(bad) == 1 and bad[0]["label"] == "" and "not an image" in bad[0]["error"]
     good = [x for x in rows if not x["error"]]
     assert len(good) == 8 and all(x["label"] in ("green", "red") for x in good)
     assert all(abs(float(x["probability"]) + float(x["probability_2"]) - 1) < 1e-5 for x in good)

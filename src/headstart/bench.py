@@ -8,7 +8,7 @@ import torch
 
 from headstart.backbones import create_backbone
 from headstart.device import autocast_for, configure_threads, pick_device
-from headstart.features import inference_module
+from headstart.fastpath import inference_model
 from headstart.freezing import apply_strategy
 from headstart.heads import HeadSpec
 from headstart.model import TransferModel
@@ -46,7 +46,7 @@ def bench(
     out = {"backbone": bb.config.name, "device": str(dev), "threads": threads, "batch_size": bs,
            "input_size": size}  # fmt: skip
 
-    net = inference_module(bb, device=dev)
+    net = inference_model(bb, dev)
 
     def infer():
         with torch.inference_mode(), autocast_for(dev):

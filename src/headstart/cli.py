@@ -99,6 +99,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--cache-dir", default=None, help="feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart)"
     )
     r.add_argument("--no-cache", action="store_true", help="compute features without the disk cache")
+    r.add_argument("--compile", action="store_true", help="torch.compile the frozen backbone (opt-in)")
     p.add_argument(
         "--classifier",
         choices=["logistic", "svm"],
@@ -189,6 +190,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         cache=not a.no_cache,
         classifier=a.classifier,
         image_size=a.image_size,
+        compile=a.compile,
         augment=Augment(
             crop_scale=a.crop_scale,
             hflip=not a.no_hflip,

@@ -127,6 +127,7 @@ class TrainConfig:
     cache_dir: str | None = None
     cache: bool = True
     classifier: str = "logistic"
+    compile: bool = False
     image_size: int | None = None
 
     def resolved(self) -> TrainConfig:
@@ -220,6 +221,10 @@ def resume(run_dir: str | Path) -> TrainResult:
 def run_training(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Train from a TrainConfig; the body of `train`."""
     cfg = cfg.resolved()
+    if cfg.compile:
+        from headstart.fastpath import set_compile
+
+        set_compile(True)
     if cfg.strategy == "linear-probe":
         from headstart.probe import run_linear_probe
 
