@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from _data import CIFAR_TAR
 
 from headstart.backbones import create_backbone
 from headstart.cache import FeatureCache
@@ -32,7 +33,7 @@ def rss_mib() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tar", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10.tar.gz"))
+    ap.add_argument("--tar", default=CIFAR_TAR)
     ap.add_argument("--limit", type=int, default=None)
     a = ap.parse_args()
     root = Path(os.path.expanduser("~/.cache/headstart/data"))

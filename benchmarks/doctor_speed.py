@@ -6,11 +6,11 @@ Usage: python benchmarks/doctor_speed.py [DATA]   (default: the ant/bee set)
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import time
 from pathlib import Path
 
+from _data import HYMENOPTERA
 from PIL import Image
 
 from headstart.doctor import dhash, diagnose
@@ -32,7 +32,7 @@ def naive(root: Path) -> int:
 
 
 def main() -> None:
-    default = Path(os.environ.get("HEADSTART_DATA", "/work/shared/data")) / "hymenoptera_data"
+    default = Path(HYMENOPTERA)
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else default
     diagnose(root)  # warm the page cache for both
     t = time.perf_counter()

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from _data import HYMENOPTERA
 from torch import nn
 from torchvision import datasets
 
@@ -20,7 +21,7 @@ from headstart.backbones import create_backbone
 from headstart.data import eval_transform
 from headstart.train import preprocess_of
 
-DEFAULT_DATA = "/work/shared/data/hymenoptera_data"
+DEFAULT_DATA = HYMENOPTERA
 
 
 def naive(data: Path, epochs: int, limit: int | None, seed: int = 0) -> tuple[float, float]:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from _data import HYMENOPTERA
 from torch import nn
 from torchvision import datasets
 
@@ -49,7 +50,7 @@ def tutorial_epoch(data: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="/work/shared/data/hymenoptera_data")
+    ap.add_argument("--data", default=HYMENOPTERA)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         r = headstart.train(a.data, output=f"{tmp}/ft", strategy="finetune", unfreeze=2, epochs=1)

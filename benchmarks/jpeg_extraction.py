@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from _data import HYMENOPTERA
 from torchvision import datasets
 
 from headstart.backbones import create_backbone
@@ -23,7 +24,7 @@ from headstart.train import preprocess_of
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="/work/shared/data/hymenoptera_data")
+    ap.add_argument("--data", default=HYMENOPTERA)
     ap.add_argument("--limit", type=int, default=None, help="first N train images only")
     a = ap.parse_args()
     configure_threads()

@@ -74,3 +74,42 @@ def test_shards_roundtrip_and_unfinished_shard_is_invisible(tmp_path, tiny_split
     assert not list((tmp_path / "k" / "shards").glob(".*.tmp"))
     with pytest.raises(FileNotFoundError):
         file_key(str(tmp_path / "missing.png"))
+
+
+def test_cache_views_extracts_augmented_views_once_and_serves_them(tiny_split, tmp_path):
+    from headstart.data import resolve_data
+    from headstart.distributed import DistInfo
+    from headstart.train import TrainConfig, feature_datasets, preprocess_of
+
+    cache = tmp_path / "cache"
+    r1 = headstart.train(tiny_split, output=tmp_path / "a", cache_dir=str(cache), cache_views=3, **FAST)
+    n_train, n_val = r1["num_train"], r1["num_val"]
+    assert r1["features_extracted"] == 3 * n_train + n_val  # views 1 and 2 of train, once
+    r2 = headstart.train(tiny_split, output=tmp_path / "b", cache_dir=str(cache), cache_views=3, **FAST)
+    assert (r2["cache_hit_rate"], r2["features_extracted"]) == (1.0, 0)
+    assert r2["val_accuracy"] == r1["val_accuracy"]
+    r3 = headstart.train(tiny_split, output=tmp_path / "c", cache_dir=str(cache), **FAST)
+    assert r3["cache_hit_rate"] == 1.0  # K = 1 reuses view 0 of the K = 3 runs
+
+    cfg = TrainConfig(data=str(tiny_split), output="-", cache_dir=str(cache), cache_views=3, **FAST)
+    bb = create_backbone(TINY, weights="none")
+    split = resolve_data(str(tiny_split), seed=0)
+    pp, cpu = preprocess_of(bb, None), torch.device("cpu")
+    train_ds = feature_datasets(bb, split, pp, cfg.resolved(), cpu, DistInfo())[0]
+    assert len(train_ds.views) == 2
+    for v in train_ds.views:  # augmented crops: other features than the eval view, row for row
+        assert v.shape == train_ds.x.shape and not torch.allclose(v.float(), train_ds.x.float(), atol=1e-3)
+    served = set()
+    for epoch in range(8):
+        train_ds.epoch = epoch
+        x0 = train_ds[0][0]
+        views = [train_ds.x, *train_ds.views]
+        served |= {k for k, src in enumerate(views) if torch.equal(x0, src[0].float())}
+    assert served == {0, 1, 2}  # over epochs an image is served in every one of its views
+    x_all, y_all, image_of = train_ds.all_views()
+    assert len(x_all) == 3 * n_train and torch.equal(image_of[:n_train], image_of[n_train : 2 * n_train])
+
+
+def test_cache_views_needs_cached_features(tiny_split, tmp_path):
+    with pytest.raises(headstart.ConfigError, match="--cache-views 2 applies to cached features"):
+        headstart.train(tiny_split, output=tmp_path / "a", strategy="finetune", cache_views=2, **FAST)

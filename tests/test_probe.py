@@ -64,3 +64,16 @@ def test_linear_probe_run_folder(tiny_split, tmp_path):
 def test_linear_probe_on_ants_and_bees(hymenoptera, tmp_path):
     r = headstart.train(hymenoptera, output=tmp_path / "lp", strategy="linear-probe")
     assert r["val_accuracy"] >= 0.93
+
+
+def test_views_of_one_image_stay_in_one_cv_fold():
+    # Labels are noise, so an honest CV score is near chance; if copies of an image (views) could
+    # land in train and test folds, the SVM would score them by memory.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 40)), rng.integers(0, 2, 60)
+    xv = np.concatenate([x, x + 1e-3 * rng.normal(size=x.shape)])
+    yv, groups = np.concatenate([y, y]), np.concatenate([np.arange(60), np.arange(60)])
+    leaky = fit_probe(xv, yv, classifier="svm")
+    grouped = fit_probe(xv, yv, classifier="svm", groups=groups)
+    assert leaky.cv_score > 0.85 and grouped.cv_score < 0.7
+    assert (leaky.cv_samples, grouped.cv_samples) == (120, 60)

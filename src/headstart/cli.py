@@ -99,6 +99,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--cache-dir", default=None, help="feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart)"
     )
     r.add_argument("--no-cache", action="store_true", help="compute features without the disk cache")
+    r.add_argument(
+        "--cache-views",
+        type=int,
+        default=1,
+        metavar="K",
+        help="extract/linear-probe: cache K views per training image, the eval view + K-1 augmented "
+        "(default 1; see docs/speed.md)",
+    )
     r.add_argument("--compile", action="store_true", help="torch.compile the frozen backbone (opt-in)")
     p.add_argument(
         "--classifier",
@@ -191,6 +199,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         classifier=a.classifier,
         image_size=a.image_size,
         compile=a.compile,
+        cache_views=a.cache_views,
         augment=Augment(
             crop_scale=a.crop_scale,
             hflip=not a.no_hflip,

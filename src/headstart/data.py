@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,16 +370,25 @@ class ImageDataset(Dataset):
     """(path, label) items -> (tensor, label, index); a file that fails yields its error instead.
 
     With `seed`, each sample's random augmentation is seeded by (seed, epoch, index), so it does
-    not depend on the number of DataLoader workers or on where a resumed run restarted.
+    not depend on the number of DataLoader workers or on where a resumed run restarted. With
+    `seed_by_path`, the file path replaces the index (a cached augmented view stays valid when
+    other files come and go).
     """
 
     def __init__(
-        self, items: list[tuple[str, int]], transform, *, draft: int | None = None, seed: int | None = None
+        self,
+        items: list[tuple[str, int]],
+        transform,
+        *,
+        draft: int | None = None,
+        seed: int | None = None,
+        seed_by_path: bool = False,
     ):
         self.items = items
         self.transform = transform
         self.draft = draft
         self.seed = seed
+        self.seed_by_path = seed_by_path
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -391,10 +401,11 @@ class ImageDataset(Dataset):
             if self.seed is None:
                 x = self.transform(img)
             else:
+                key = zlib.crc32(os.path.abspath(path).encode()) if self.seed_by_path else i
                 with torch.random.fork_rng(devices=[]):
                     # only the CPU generator: torch.manual_seed would also reseed CUDA's
                     torch.default_generator.manual_seed(
-                        ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**63
+                        ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + key) % 2**63
                     )
                     x = self.transform(img)
         except Exception as e:  # noqa: BLE001 - reported per file, never fatal here

@@ -44,12 +44,14 @@ def extract_features(
     subset=None,
     cache: FeatureCache | None = None,
     view: int = 0,
+    augment_seed: int | None = None,
     channels_last: bool = True,  # the fast path: BN folded, channels-last (headstart.fastpath)
 ) -> Features:
     """Features of `items` (or of the indices in `subset`), from the cache where present.
 
     Missing images run through the backbone once, in eval mode, and are streamed into a new
-    cache shard as they come, so memory stays flat however many images there are.
+    cache shard as they come, so memory stays flat however many images there are. `view` > 0
+    with `augment_seed` is an augmented view (a random `transform`) seeded by (seed, view, path).
     """
     net = inference_model(backbone, device) if channels_last else backbone.eval()
     wanted = list(range(len(items))) if subset is None else list(subset)
@@ -69,7 +71,9 @@ def extract_features(
     row_of = {i: r for r, i in enumerate(missing)}
     try:
         if missing:
-            ds = Subset(ImageDataset(items, transform, draft=draft), missing)
+            images = ImageDataset(items, transform, draft=draft, seed=augment_seed, seed_by_path=True)
+            images.epoch = view
+            ds = Subset(images, missing)
             loader = make_loader(
                 ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                 pin_memory=device.type == "cuda",

@@ -41,10 +41,21 @@ class ProbeFit:
     classifier: str
 
 
-def fit_probe(x: np.ndarray, y: np.ndarray, *, classifier: str = "logistic", seed: int = 0) -> ProbeFit:
-    """Standardise, choose C by cross-validation, refit on all data, fold into W, b."""
+def fit_probe(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    classifier: str = "logistic",
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> ProbeFit:
+    """Standardise, choose C by cross-validation, refit on all data, fold into W, b.
+
+    `groups` (the image of each row, when rows are several views of one image) keeps all views of
+    an image in one fold, so CV does not score an image on its own augmented copy.
+    """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
+    from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, StratifiedKFold, train_test_split
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
@@ -53,14 +64,21 @@ def fit_probe(x: np.ndarray, y: np.ndarray, *, classifier: str = "logistic", see
     x = np.asarray(x, dtype=np.float32)
     scaler = StandardScaler().fit(x)
     xs = scaler.transform(x)
-    counts = np.bincount(y)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    first = np.unique(groups, return_index=True)[1]  # one row per image: its label and group
+    counts = np.bincount(y[first])
     folds = int(min(5, counts[counts > 0].min()))
     if folds < 2:
         raise ConfigError("The linear probe needs at least 2 training images per class.")
-    xcv, ycv = xs, y
-    if len(y) > CV_MAX_SAMPLES:
-        xcv, _, ycv, _ = train_test_split(xs, y, train_size=CV_MAX_SAMPLES, stratify=y, random_state=seed)
+    xcv, ycv, gcv = xs, y, groups
+    if len(first) > CV_MAX_SAMPLES:
+        keep, _ = train_test_split(
+            groups[first], train_size=CV_MAX_SAMPLES, stratify=y[first], random_state=seed
+        )
+        mask = np.isin(groups, keep)
+        xcv, ycv, gcv = xs[mask], y[mask], groups[mask]
         folds = 3
+    grouped = len(np.unique(gcv)) < len(gcv)
     if classifier == "logistic":
         est = LogisticRegression(max_iter=2000, tol=1e-4)
         scoring = "neg_log_loss"
@@ -70,10 +88,10 @@ def fit_probe(x: np.ndarray, y: np.ndarray, *, classifier: str = "logistic", see
     search = GridSearchCV(
         est,
         {"C": list(CS)},
-        cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+        cv=(StratifiedGroupKFold if grouped else StratifiedKFold)(folds, shuffle=True, random_state=seed),
         scoring=scoring,
         n_jobs=1,
-    ).fit(xcv, ycv)
+    ).fit(xcv, ycv, **({"groups": gcv} if grouped else {}))
     best_c = float(search.best_params_["C"])
     final = (LogisticRegression(C=best_c, max_iter=3000) if classifier == "logistic"
              else LinearSVC(C=best_c, dual="auto", max_iter=10000)).fit(xs, y)  # fmt: skip
@@ -82,7 +100,8 @@ def fit_probe(x: np.ndarray, y: np.ndarray, *, classifier: str = "logistic", see
         w, b = np.concatenate([-w / 2, w / 2]), np.concatenate([-b / 2, b / 2])
     w_folded = w / scaler.scale_
     b_folded = b - w_folded @ scaler.mean_
-    return ProbeFit(w_folded, b_folded, best_c, float(search.best_score_), folds, len(ycv), classifier)
+    n_cv = len(np.unique(gcv))
+    return ProbeFit(w_folded, b_folded, best_c, float(search.best_score_), folds, n_cv, classifier)
 
 
 def run_linear_probe(cfg) -> object:
@@ -120,7 +139,9 @@ def run_linear_probe(cfg) -> object:
     check_bad_fraction(bad, split, cfg.max_bad_fraction)
 
     t_fit = time.perf_counter()
-    fit = fit_probe(train_ds.x.float().numpy(), train_ds.y.numpy(), classifier=cfg.classifier, seed=cfg.seed)
+    x_all, y_all, image_of = train_ds.all_views()  # one row per image, or per view with --cache-views
+    x_all, y_all, image_of = x_all.float().numpy(), y_all.numpy(), image_of.numpy()
+    fit = fit_probe(x_all, y_all, classifier=cfg.classifier, seed=cfg.seed, groups=image_of)
     fit_s = time.perf_counter() - t_fit
     linear = model.head[-1]
     with torch.no_grad():
@@ -157,6 +178,7 @@ def run_linear_probe(cfg) -> object:
         "probe_cv_score": fit.cv_score,
         "probe_cv_folds": fit.cv_folds,
         "probe_cv_samples": fit.cv_samples,
+        "cache_views": cfg.cache_views,
         "backbone": backbone.config.name,
         "head": HeadSpec("linear").describe(backbone.feature_dim, len(split.classes)),
         "unfrozen_modules": [],

@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import json
 import math
 import os
 import platform
 import random
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +128,7 @@ class TrainConfig:
     deterministic: bool = False
     cache_dir: str | None = None
     cache: bool = True
+    cache_views: int = 1  # extract/linear-probe: K feature views per training image (1 = eval view)
     classifier: str = "logistic"
     compile: bool = False
     image_size: int | None = None
@@ -146,6 +149,7 @@ class TrainConfig:
             ("label_smoothing", 0 <= c.label_smoothing < 1),
             ("max_bad_fraction", 0 <= c.max_bad_fraction <= 1),
             ("checkpoint_every", c.checkpoint_every is None or c.checkpoint_every >= 1),
+            ("cache_views", c.cache_views >= 1),
         ):
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')} has an invalid value: {getattr(c, name)}.")
@@ -155,6 +159,11 @@ class TrainConfig:
             raise ConfigError(f"--schedule {c.schedule!r}: use cosine, step or none.")
         if c.class_weights not in ("none", "balanced"):
             raise ConfigError(f"--class-weights {c.class_weights!r}: use none or balanced.")
+        if c.cache_views > 1 and c.strategy not in ("extract", "linear-probe"):
+            raise ConfigError(
+                f"--cache-views {c.cache_views} applies to cached features (--strategy extract or "
+                f"linear-probe); --strategy {c.strategy} sees a fresh augmentation every epoch already."
+            )
         return c
 
     def to_dict(self) -> dict:
@@ -568,16 +577,32 @@ def predict_labels(logits: torch.Tensor, head_kind: str) -> torch.Tensor:
 
 
 class _FeatureDataset(Dataset):
-    """Cached features served in the same (x, label, index, error) form as images."""
+    """Cached features served in the same (x, label, index, error) form as images.
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor):
-        self.x, self.y, self.index = x, y, index
+    With augmented `views` (each aligned row for row with `x`), every epoch serves one of the
+    1 + len(views) views of each image, picked by (seed, epoch, index) so resumed runs match.
+    """
+
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, views: list[torch.Tensor] = (), seed=0
+    ):
+        self.x, self.y, self.index, self.views, self.seed = x, y, index, list(views), seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.y)
 
     def __getitem__(self, i: int):
-        return self.x[i].float(), int(self.y[i]), int(self.index[i]), None
+        x = self.x
+        if self.views:
+            v = zlib.crc32(f"{self.seed}:{self.epoch}:{int(self.index[i])}".encode()) % (1 + len(self.views))
+            x = x if v == 0 else self.views[v - 1]
+        return x[i].float(), int(self.y[i]), int(self.index[i]), None
+
+    def all_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every view as a sample: (x, y, image index) for the linear probe."""
+        k = 1 + len(self.views)
+        return torch.cat([self.x, *self.views]), self.y.repeat(k), self.index.repeat(k)
 
 
 def open_cache(cfg: TrainConfig, backbone, pp: Preprocess, views: str = "eval") -> FeatureCache | None:
@@ -596,7 +621,8 @@ def open_cache(cfg: TrainConfig, backbone, pp: Preprocess, views: str = "eval") 
 
 
 def feature_datasets(backbone, split: DataSplit, pp: Preprocess, cfg: TrainConfig, device, dist):
-    """Features of train and val (un-augmented views), from the cache or computed once.
+    """Features of train and val (un-augmented views, plus cfg.cache_views - 1 augmented views of
+    train), from the cache or computed once.
 
     Ranks of a torchrun job each extract a strided share, then gather. Returns the two datasets,
     the files that failed, the seconds spent and cache statistics for results.json.
@@ -621,9 +647,11 @@ def feature_datasets(backbone, split: DataSplit, pp: Preprocess, cfg: TrainConfi
         ),
         dist,
     )
-    secs = ftr.seconds + fva.seconds
-    n = len(ftr.y) + len(fva.y)
-    hits, misses = ftr.hits + fva.hits, ftr.misses + fva.misses
+    views = augmented_views(backbone, split, pp, cfg, ftr.index, dist, kw)
+    secs = ftr.seconds + fva.seconds + sum(v.seconds for v in views)
+    n = len(ftr.y) + len(fva.y) + sum(len(v.y) for v in views)
+    hits = ftr.hits + fva.hits + sum(v.hits for v in views)
+    misses = ftr.misses + fva.misses + sum(v.misses for v in views)
     hit_rate = hits / max(hits + misses, 1)
     where = f"cache {cache.dir}" if cache is not None else "no cache"
     log(
@@ -634,12 +662,46 @@ def feature_datasets(backbone, split: DataSplit, pp: Preprocess, cfg: TrainConfi
         cache.close()
     # The feature datasets keep item indices, so failures and NaN reports still name files.
     return (
-        _FeatureDataset(ftr.x, ftr.y, ftr.index),
+        _FeatureDataset(ftr.x, ftr.y, ftr.index, [align_rows(v, ftr) for v in views], seed=cfg.seed),
         _FeatureDataset(fva.x, fva.y, fva.index),
         ftr.failed + fva.failed,
         secs,
         {"cache_hit_rate": round(hit_rate, 6), "features_extracted": misses, "features_from_cache": hits},
     )
+
+
+def augmented_views(backbone, split: DataSplit, pp: Preprocess, cfg: TrainConfig, ok, dist, kw) -> list:
+    """Views 1..K-1 of the training images that loaded: the training augmentation, seeded by
+    (seed, view, path), in their own cache (keyed by the augmentation and seed)."""
+    if cfg.cache_views <= 1:
+        return []
+    spec = f"train-augment:{json.dumps(dataclasses.asdict(cfg.augment), sort_keys=True)}:seed={cfg.seed}"
+    cache = open_cache(cfg, backbone, pp, views=spec)
+    tf = train_transform(pp, cfg.augment)
+    out = []
+    try:
+        for v in range(1, cfg.cache_views):
+            f = extract_features(
+                backbone, split.train, tf, desc=f"features train view {v}", view=v, augment_seed=cfg.seed,
+                subset=shard(ok.tolist(), dist), **{**kw, "cache": cache},
+            )  # fmt: skip
+            out.append(gather_features(f, dist))
+    finally:
+        if cache is not None:
+            cache.close()
+    return out
+
+
+def align_rows(view: Features, base: Features) -> torch.Tensor:
+    """`view`'s features in `base`'s row order; an image missing from the view keeps its base row."""
+    if torch.equal(view.index, base.index):
+        return view.x
+    row = {int(i): r for r, i in enumerate(view.index.tolist())}
+    x = base.x.clone()
+    for r, i in enumerate(base.index.tolist()):
+        if i in row:
+            x[r] = view.x[row[i]]
+    return x
 
 
 def gather_features(f: Features, dist: DistInfo) -> Features:
