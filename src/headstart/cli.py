@@ -108,6 +108,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "(default 1; see docs/speed.md)",
     )
     r.add_argument("--compile", action="store_true", help="torch.compile the frozen backbone (opt-in)")
+    r.add_argument(
+        "--cache-prefix",
+        action="store_true",
+        help="finetune: cache the frozen blocks' activations once, train only the rest (flips only)",
+    )
     p.add_argument(
         "--classifier",
         choices=["logistic", "svm"],
@@ -200,6 +205,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         image_size=a.image_size,
         compile=a.compile,
         cache_views=a.cache_views,
+        cache_prefix=a.cache_prefix,
         augment=Augment(
             crop_scale=a.crop_scale,
             hflip=not a.no_hflip,

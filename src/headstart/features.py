@@ -28,6 +28,7 @@ class Features:
     seconds: float = 0.0
     hits: int = 0
     misses: int = 0
+    rows: list[tuple[str, int]] | None = None  # (shard, row) in the cache, when load=False
 
 
 @torch.inference_mode()
@@ -46,13 +47,17 @@ def extract_features(
     view: int = 0,
     augment_seed: int | None = None,
     channels_last: bool = True,  # the fast path: BN folded, channels-last (headstart.fastpath)
+    load: bool = True,
 ) -> Features:
     """Features of `items` (or of the indices in `subset`), from the cache where present.
 
     Missing images run through the backbone once, in eval mode, and are streamed into a new
     cache shard as they come, so memory stays flat however many images there are. `view` > 0
     with `augment_seed` is an augmented view (a random `transform`) seeded by (seed, view, path).
+    With load=False (a cache is required) x stays empty and `rows` says where each item's row lies.
     """
+    if not load and cache is None:
+        raise ValueError("extract_features(load=False) needs a cache to leave the rows in")
     net = inference_model(backbone, device) if channels_last else backbone.eval()
     wanted = list(range(len(items))) if subset is None else list(subset)
     start = time.perf_counter()
@@ -101,8 +106,11 @@ def extract_features(
             writer.abort()
         raise
     ok = [i for i in wanted if i in keys and (keys[i] in hits or i in live)]
-    if cache is not None:
-        x = torch.from_numpy(cache.read([hits[keys[i]] for i in ok], dim))
+    rows = [hits[keys[i]] for i in ok] if cache is not None else None
+    if not load:
+        x = torch.empty(0, dim, dtype=torch.float16)
+    elif cache is not None:
+        x = torch.from_numpy(cache.read(rows, dim))
     else:
         x = torch.from_numpy(np.stack([live[i] for i in ok])) if ok else torch.empty(0, dim)
     return Features(
@@ -113,4 +121,5 @@ def extract_features(
         seconds=time.perf_counter() - start,
         hits=len(keys) - len(missing),
         misses=len(missing),
+        rows=rows,
     )

@@ -132,6 +132,7 @@ class TrainConfig:
     classifier: str = "logistic"
     compile: bool = False
     image_size: int | None = None
+    cache_prefix: bool = False  # finetune: cache the frozen prefix's maps, train the suffix on them
 
     def resolved(self) -> TrainConfig:
         """Fill strategy-dependent defaults and check values; raises ConfigError."""
@@ -163,6 +164,11 @@ class TrainConfig:
             raise ConfigError(
                 f"--cache-views {c.cache_views} applies to cached features (--strategy extract or "
                 f"linear-probe); --strategy {c.strategy} sees a fresh augmentation every epoch already."
+            )
+        if c.cache_prefix and c.strategy != "finetune":
+            raise ConfigError(
+                f"--cache-prefix works only with --strategy finetune (got {c.strategy!r}): it caches "
+                "the frozen first blocks and trains the unfrozen rest. Drop --cache-prefix."
             )
         return c
 
@@ -297,6 +303,7 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
     timings = {"extract_seconds": 0.0}
     skipped = list(split.skipped)
     feature_id = None
+    feature_stats: dict = {}
     if cfg.strategy == "extract":
         net: nn.Module = model.head
         train_ds, val_ds, bad, timings["extract_seconds"], feature_stats = feature_datasets(
@@ -306,6 +313,15 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
         skipped += bad
         workers = 0
         feature_id = tensor_fingerprint(train_ds.x, val_ds.x)
+    elif cfg.cache_prefix:  # the frozen prefix runs once per image; epochs train suffix + head
+        from headstart.prefix import prefix_datasets
+
+        pre = prefix_datasets(model, split, pp, cfg, device, dist)
+        net, train_ds, val_ds, feature_stats, feature_id = pre.net, pre.train, pre.val, pre.stats, pre.key
+        timings["extract_seconds"] = pre.seconds
+        check_bad_fraction(pre.failed, split, cfg.max_bad_fraction)
+        skipped += pre.failed
+        workers = 0
     else:
         net = model
         draft = pp.resize_size
@@ -435,7 +451,8 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
     )
 
     # --- best weights back, prove the frozen part stayed frozen, save
-    if cfg.strategy != "extract" and train_loader.drop_last and isinstance(sampler, ResumableSampler):
+    images_loaded = cfg.strategy != "extract" and not cfg.cache_prefix  # else read once, up front
+    if images_loaded and train_loader.drop_last and isinstance(sampler, ResumableSampler):
         bad_files.update(never_loaded_failures(sampler, cfg.batch_size, len(metrics), split.train))
     model.load_state_dict(best["state"], strict=False)
     frozen_report = proof.verify(model)
@@ -449,7 +466,7 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
         "epochs_run": len(metrics),
         "train_seconds": round(time.perf_counter() - t_start, 3),
         **{k: round(v, 3) for k, v in timings.items()},
-        **(feature_stats if cfg.strategy == "extract" else {}),
+        **feature_stats,
         "strategy": cfg.strategy,
         "backbone": backbone.config.name,
         "head": head_spec.describe(backbone.feature_dim, len(split.classes)),
@@ -605,8 +622,13 @@ class _FeatureDataset(Dataset):
         return torch.cat([self.x, *self.views]), self.y.repeat(k), self.index.repeat(k)
 
 
-def open_cache(cfg: TrainConfig, backbone, pp: Preprocess, views: str = "eval") -> FeatureCache | None:
-    """The feature cache for this backbone's exact weights and preprocessing (None if disabled)."""
+def open_cache(
+    cfg: TrainConfig, backbone, pp: Preprocess, views: str = "eval", **extra
+) -> FeatureCache | None:
+    """The feature cache for this backbone's exact weights and preprocessing (None if disabled).
+
+    `extra` joins the key, e.g. the split point and map shape of cached prefix activations.
+    """
     if not cfg.cache:
         return None
     spec = {
@@ -615,6 +637,7 @@ def open_cache(cfg: TrainConfig, backbone, pp: Preprocess, views: str = "eval") 
         "weights": weights_checksum(backbone),
         "preprocess": pp.to_dict(),
         "views": views,
+        **extra,
     }
     root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     return FeatureCache(root, model_key(spec), spec)
