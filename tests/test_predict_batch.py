@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 
 import headstart
 from headstart.batch import done_paths, predict_to_csv
@@ -92,3 +93,19 @@ def test_resume_cli_appends_new_files(run_and_folder, tmp_path):
     assert len(_rows(out)) == 10
     r = run_cli("predict", run, folder, "--resume")
     assert r.returncode == 2 and "--resume needs --csv" in r.stderr
+
+
+def test_predict_runs_the_folded_fast_path_and_matches_the_stored_model(run_and_folder):
+    run, folder = run_and_folder
+    paths = sorted(str(p) for p in folder.rglob("*.png"))
+    fast, exact = headstart.load(run, device="cpu"), headstart.load(run, device="cpu", fast=False)
+    before = {k: v.clone() for k, v in fast.model.state_dict().items()}
+    p_fast, p_exact = fast.predict_proba(paths), exact.predict_proba(paths)
+    net = fast.model.backbone._headstart_fast[1]  # the copy predict ran: BN folded away
+    assert net is not fast.model.backbone
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in exact.model.modules())
+    assert abs(p_fast - p_exact).max() < 1e-4
+    assert (p_fast.argmax(1) == p_exact.argmax(1)).all()
+    # the stored model itself is untouched
+    assert all(torch.equal(before[k], v) for k, v in fast.model.state_dict().items())

@@ -159,7 +159,7 @@ def export(
     run_dir = Path(run_dir)
     record = read_json(run_dir / MODEL_JSON)
     path = Path(output) if output else run_dir / DEFAULT_NAMES[format]
-    original = load(run_dir, device="cpu")  # parity is an fp32 CPU comparison
+    original = load(run_dir, device="cpu", fast=False)  # parity: fp32 CPU, the model as stored
     pp = original.preprocess
     t0 = time.perf_counter()
     if format == "safetensors":

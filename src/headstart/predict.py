@@ -23,6 +23,7 @@ from headstart.data import (
 )
 from headstart.device import autocast_for, configure_threads, pick_device, to_device
 from headstart.errors import DataError
+from headstart.fastpath import inference_model
 from headstart.heads import HeadSpec, logits_to_probs
 from headstart.model import TransferModel
 from headstart.progress import bar as progress_bar
@@ -52,8 +53,11 @@ class Prediction:
 class Predictor:
     """A trained model plus its preprocessing; built from a run folder by `load`."""
 
-    def __init__(self, model: TransferModel, preprocess: Preprocess, record: dict, device):
+    def __init__(
+        self, model: TransferModel, preprocess: Preprocess, record: dict, device, *, fast: bool = True
+    ):
         self.model = model.eval()
+        self.fast = fast  # BN-folded channels-last copy of the backbone (headstart.fastpath)
         self.preprocess = preprocess
         self.record = record
         self.device = device
@@ -64,8 +68,14 @@ class Predictor:
     @torch.inference_mode()
     def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Probabilities [B, C] for a batch of already preprocessed images."""
+        x = to_device(x, self.device)
+        if self.fast:
+            backbone = inference_model(self.model.backbone, self.device)
+            x = x.contiguous(memory_format=torch.channels_last)
+        else:
+            backbone = self.model.backbone
         with autocast_for(self.device):
-            logits = self.model(to_device(x, self.device))
+            logits = self.model.head(backbone(x))
         return logits_to_probs(logits.float() / self.temperature, self.model.head_spec.kind).cpu()
 
     def predict_proba(self, images: Iterable, *, batch_size: int = 32) -> np.ndarray:
@@ -117,7 +127,7 @@ class Predictor:
         ds = ImageDataset([(p, 0) for p in paths], self.transform, draft=self.preprocess.resize_size)
         loader = make_loader(
             ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda", ramp=True,  # first rows come out sooner
         )  # fmt: skip
         bar = progress_bar(total=len(paths), unit="img", desc="predict", enabled=progress)
         for batch in loader:
@@ -141,8 +151,12 @@ class Predictor:
         return f"Predictor({self.record['backbone']['name']}, classes={self.classes}, device={self.device})"
 
 
-def load(run_dir: str | os.PathLike, *, device: str = "auto") -> Predictor:
-    """Load a trained model from a run folder (model.json + model.safetensors)."""
+def load(run_dir: str | os.PathLike, *, device: str = "auto", fast: bool = True) -> Predictor:
+    """Load a trained model from a run folder (model.json + model.safetensors).
+
+    fast=True runs a BatchNorm-folded, channels-last copy of the backbone (checked against it);
+    fast=False runs the stored model exactly as trained (export parity uses that).
+    """
     run_dir = Path(run_dir)
     record = read_json(run_dir / MODEL_JSON)
     cfg = BackboneConfig.from_dict(record["backbone"])
@@ -159,7 +173,7 @@ def load(run_dir: str | os.PathLike, *, device: str = "auto") -> Predictor:
     configure_threads()
     dev = pick_device(device)
     model.to(dev).eval()
-    return Predictor(model, Preprocess.from_dict(record["preprocessing"]), record, dev)
+    return Predictor(model, Preprocess.from_dict(record["preprocessing"]), record, dev, fast=fast)
 
 
 def expand_paths(inputs: Iterable) -> list[str]:
