@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from headstart.data import load_image, resolve_data, stratified_split, to_rgb
+from headstart.data import load_image, make_loader, ramp_batches, resolve_data, stratified_split, to_rgb
 from headstart.errors import ConfigError, DataError
 
 from conftest import make_class_tree, make_image
@@ -76,3 +77,22 @@ def test_modes_become_rgb(tmp_path):
     # draft decodes at the smallest DCT scale that still covers the requested size
     assert load_image(tmp_path / "x.jpg", draft=16).size == (20, 20)
     assert load_image(tmp_path / "x.jpg", draft=30).size == (40, 40)
+
+
+def test_ramp_batches_grow_to_the_batch_size_and_cover_every_index_once_in_order():
+    batches = ramp_batches(200, 64)
+    assert [len(b) for b in batches] == [8, 16, 32, 64, 64, 16]
+    assert [i for b in batches for i in b] == list(range(200))
+    assert ramp_batches(5, 64) == [[0, 1, 2, 3, 4]]
+    assert ramp_batches(0, 64) == []
+    assert [len(b) for b in ramp_batches(10, 4)] == [4, 4, 2]  # never above batch_size
+
+
+def test_ramped_loader_serves_the_same_items_in_order():
+    data = [(torch.full((1,), float(i)), 0, i, None) for i in range(100)]  # (x, label, index, error)
+    loader = make_loader(data, batch_size=32, shuffle=False, num_workers=0, ramp=True)
+    ramped = [b.index.tolist() for b in loader]
+    assert [len(b) for b in ramped] == [8, 16, 32, 32, 12]
+    assert sum(ramped, []) == list(range(100))
+    plain = make_loader(data, batch_size=32, shuffle=False, num_workers=0)
+    assert [len(b.index) for b in plain] == [32, 32, 32, 4]

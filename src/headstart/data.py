@@ -445,6 +445,16 @@ def default_workers() -> int:
     return max(1, min(8, n - 1)) if n > 1 else 0
 
 
+def ramp_batches(n: int, batch_size: int, first: int = 8) -> list[list[int]]:
+    """Indices 0..n-1 in order, in batches of first, 2*first, 4*first … capped at batch_size."""
+    out, start, size = [], 0, max(1, min(first, batch_size))
+    while start < n:
+        out.append(list(range(start, min(n, start + size))))
+        start += size
+        size = min(batch_size, size * 2)
+    return out
+
+
 def make_loader(
     dataset: Dataset,
     *,
@@ -455,21 +465,28 @@ def make_loader(
     pin_memory: bool = False,
     drop_last: bool = False,
     sampler=None,
+    ramp: bool = False,
 ) -> DataLoader:
-    """A DataLoader with seeded shuffling and worker seeding, so runs repeat exactly."""
+    """A DataLoader with seeded shuffling and worker seeding, so runs repeat exactly.
+
+    ramp=True (in-order passes only): batches grow 8, 16, 32 … up to batch_size, so the model
+    starts on the first few images instead of idling while the workers decode a full batch.
+    """
     workers = default_workers() if num_workers is None else num_workers
     g = torch.Generator()
     g.manual_seed(seed)
+    if ramp and not shuffle and sampler is None and not drop_last:
+        batching = dict(batch_sampler=ramp_batches(len(dataset), batch_size))
+    else:
+        batching = dict(batch_size=batch_size, shuffle=shuffle if sampler is None else None, sampler=sampler,
+                        drop_last=drop_last)  # fmt: skip
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle if sampler is None else None,
-        sampler=sampler,
+        **batching,
         num_workers=workers,
         collate_fn=collate,
         generator=g,
         pin_memory=pin_memory,
-        drop_last=drop_last,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )

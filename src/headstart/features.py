@@ -81,7 +81,7 @@ def extract_features(
             ds = Subset(images, missing)
             loader = make_loader(
                 ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                pin_memory=device.type == "cuda",
+                pin_memory=device.type == "cuda", ramp=True,
             )  # fmt: skip
             with progress.bar(total=len(missing), desc=desc, unit="img") as pbar:
                 for batch in loader:
