@@ -41,6 +41,7 @@ class BackboneConfig:
     crop_pct: float = 0.875
     feature_dim: int = 0
     weights: str = "none"  # where the weights came from: a path, or "none"
+    feature_blocks: int = 1  # >1: also average-pool the outputs of the last blocks (with_feature_blocks)
 
     def to_dict(self) -> dict:
         """Plain-JSON form (tuples become lists)."""
@@ -91,13 +92,18 @@ EMBEDDED: dict[str, _Embedded] = {
 
 
 class Backbone(nn.Module):
-    """A pretrained network without its classifier: images [B,3,H,W] -> pooled features [B,D]."""
+    """A pretrained network without its classifier: images [B,3,H,W] -> pooled features [B,D].
+
+    With config.feature_blocks = K > 1 the features are the average-pooled outputs of the last
+    K-1 block groups before the final one, concatenated in front of the usual pooled features.
+    """
 
     def __init__(self, body: nn.Module, config: BackboneConfig, groups: list[list[str]]):
         super().__init__()
         self.body = body
         self.config = config
         self._groups = groups
+        self.taps = block_taps(self, config.feature_blocks) if config.feature_blocks > 1 else []
 
     @property
     def feature_dim(self) -> int:
@@ -106,11 +112,93 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features."""
-        return self.body(x)
+        if not self.taps:
+            return self.body(x)
+        outs: list[torch.Tensor] = []
+        # looked up by name at each call, so a copy of this module (the fast path's) taps its own blocks
+        hooks = [
+            self.get_submodule(t).register_forward_hook(lambda m, i, o: outs.append(o)) for t in self.taps
+        ]
+        try:
+            final = self.body(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return torch.cat([_global_pool(o) for o in outs] + [final], dim=1)
 
     def block_groups(self) -> list[list[str]]:
         """Module names (relative to this backbone) grouped from input to output, for 'unfreeze N'."""
         return [list(g) for g in self._groups]
+
+
+def _global_pool(t: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] maps -> [B, C] by averaging; [B, N, C] tokens -> [B, C]."""
+    if t.dim() == 4:
+        return t.mean(dim=(2, 3))
+    if t.dim() == 3:
+        return t.mean(dim=1)
+    raise ConfigError(f"--feature-blocks: a block output of shape {tuple(t.shape)} cannot be pooled.")
+
+
+def block_taps(backbone: Backbone, k: int) -> list[str]:
+    """Modules whose outputs the last k block groups add to the features (k-1 of them, in order).
+
+    A group's output is that of the module enclosing all its layers (e.g. `body.blocks.5`), so
+    residual additions inside the block are included.
+    """
+    groups = backbone.block_groups()
+    if not 2 <= k <= len(groups):
+        raise ConfigError(
+            f"--feature-blocks {k}: {backbone.config.name} has {len(groups)} block groups; "
+            f"use 1 (pooled features only) up to {len(groups)}."
+        )
+    taps = []
+    for group in groups[-k:-1]:
+        parts = [name.split(".") for name in group]
+        common = [p[0] for p in zip(*parts, strict=False) if len(set(p)) == 1]
+        name = ".".join(common)
+        if len(common) < 2:  # the body itself, or modules with no enclosing block
+            raise ConfigError(
+                f"--feature-blocks {k}: cannot tell where block group {group[:3]} of "
+                f"{backbone.config.name} ends. Use a smaller --feature-blocks, or 1."
+            )
+        taps.append(name)
+    return taps
+
+
+def with_feature_blocks(backbone: Backbone, k: int) -> Backbone:
+    """The same backbone (shared tensors) whose features also pool the outputs of its last k blocks."""
+    if k == backbone.config.feature_blocks:
+        return backbone
+    if backbone.config.feature_blocks != 1:
+        raise ValueError("with_feature_blocks takes a backbone with plain pooled features (feature_blocks=1)")
+    taps = block_taps(backbone, k)
+    size = backbone.config.input_size
+    was = backbone.training
+    backbone.eval()
+    try:
+        with torch.inference_mode():
+            x = torch.zeros(1, 3, size, size, device=next(backbone.parameters()).device)
+            _, outs = tapped_forward(backbone, taps, x)
+    finally:
+        backbone.train(was)
+    if len(outs) != len(taps):
+        raise ConfigError(f"--feature-blocks {k}: the blocks {taps} do not each run once per forward.")
+    dim = backbone.config.feature_dim + sum(_global_pool(o).shape[1] for o in outs)
+    cfg = dataclasses.replace(backbone.config, feature_blocks=k, feature_dim=dim)
+    return Backbone(backbone.body, cfg, backbone._groups)
+
+
+def tapped_forward(module: nn.Module, taps: list[str], x: torch.Tensor):
+    """module(x) and the outputs of the submodules named in `taps`, in the order they ran."""
+    outs: list[torch.Tensor] = []
+    # looked up by name at each call, so a copy of the module (the fast path's) taps its own blocks
+    hooks = [module.get_submodule(t).register_forward_hook(lambda m, i, o: outs.append(o)) for t in taps]
+    try:
+        return module.body(x), outs
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @dataclass

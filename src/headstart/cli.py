@@ -29,6 +29,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="input size instead of the backbone's (smaller is faster, e.g. for 32 px images)",
     )
+    p.add_argument(
+        "--feature-blocks",
+        type=int,
+        default=1,
+        metavar="K",
+        help="features = average-pooled outputs of the last K block groups, concatenated (default 1: "
+        "the usual pooled features; earlier blocks can transfer better to unlike domains)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument(
         "--epochs",
@@ -206,6 +214,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         compile=a.compile,
         cache_views=a.cache_views,
         cache_prefix=a.cache_prefix,
+        feature_blocks=a.feature_blocks,
         augment=Augment(
             crop_scale=a.crop_scale,
             hflip=not a.no_hflip,

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from headstart import __version__
-from headstart.backbones import DEFAULT_BACKBONE, create_backbone
+from headstart.backbones import DEFAULT_BACKBONE, create_backbone, with_feature_blocks
 from headstart.cache import FeatureCache, default_cache_dir, model_key, weights_checksum
 from headstart.checkpoint import (
     CHECKPOINT,
@@ -133,6 +133,7 @@ class TrainConfig:
     compile: bool = False
     image_size: int | None = None
     cache_prefix: bool = False  # finetune: cache the frozen prefix's maps, train the suffix on them
+    feature_blocks: int = 1  # >1: features also average-pool the outputs of the last blocks
 
     def resolved(self) -> TrainConfig:
         """Fill strategy-dependent defaults and check values; raises ConfigError."""
@@ -151,6 +152,7 @@ class TrainConfig:
             ("max_bad_fraction", 0 <= c.max_bad_fraction <= 1),
             ("checkpoint_every", c.checkpoint_every is None or c.checkpoint_every >= 1),
             ("cache_views", c.cache_views >= 1),
+            ("feature_blocks", c.feature_blocks >= 1),
         ):
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')} has an invalid value: {getattr(c, name)}.")
@@ -169,6 +171,11 @@ class TrainConfig:
             raise ConfigError(
                 f"--cache-prefix works only with --strategy finetune (got {c.strategy!r}): it caches "
                 "the frozen first blocks and trains the unfrozen rest. Drop --cache-prefix."
+            )
+        if c.cache_prefix and c.feature_blocks > 1:
+            raise ConfigError(
+                f"--cache-prefix trains on the last block's pooled features only; --feature-blocks "
+                f"{c.feature_blocks} pools earlier blocks too. Use one of the two."
             )
         return c
 
@@ -281,6 +288,8 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
     # --- model: backbone (pretrained unless scratch), new head, freezing, frozen proof
     weights = "none" if cfg.strategy == "scratch" else cfg.weights
     backbone = create_backbone(cfg.backbone, weights=weights)
+    if cfg.feature_blocks > 1:
+        backbone = with_feature_blocks(backbone, cfg.feature_blocks)
     head_spec = HeadSpec.parse(cfg.head, dropout=cfg.dropout)
     model = TransferModel.build(backbone, head_spec, split.classes)
     unfrozen = apply_strategy(model, cfg.strategy, unfreeze=cfg.unfreeze, patterns=cfg.unfreeze_patterns)
@@ -639,6 +648,8 @@ def open_cache(
         "views": views,
         **extra,
     }
+    if backbone.config.feature_blocks > 1:  # absent otherwise, so existing caches keep their keys
+        spec["feature_blocks"] = backbone.config.feature_blocks
     root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     return FeatureCache(root, model_key(spec), spec)
 
