@@ -289,7 +289,7 @@ def _runner(fmt: str, path: Path) -> Callable[[torch.Tensor], np.ndarray]:
         return run_ts
     from headstart.predict import load
 
-    copy = load(path, device="cpu")
+    copy = load(path, device="cpu", fast=False)  # the same tensors: parity must be exact
     norm = T.Normalize(copy.preprocess.mean, copy.preprocess.std)
     return lambda x: copy.predict_tensor(norm(x)).numpy()
 
