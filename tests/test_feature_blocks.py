@@ -110,3 +110,14 @@ def test_feature_blocks_get_their_own_cache_entries(multi_run, tmp_path):
                             weights="none", epochs=1, batch_size=8, num_workers=0,
                             cache_dir=str(cache))  # fmt: skip
     assert plain["cache_hit_rate"] == 0.0
+
+
+def test_linear_probe_uses_the_wider_features(multi_run, tmp_path):
+    out, cache = multi_run
+    r = headstart.train(str(out.parent / "data"), output=str(tmp_path / "p"), backbone=TINY, weights="none",
+                        strategy="linear-probe", num_workers=0, feature_blocks=2,
+                        cache_dir=str(cache))  # fmt: skip
+    wide = json.loads((out / "model.json").read_text())["backbone"]["feature_dim"]
+    assert r["cache_hit_rate"] == 1.0  # the features the extract run cached
+    assert json.loads((tmp_path / "p" / "model.json").read_text())["backbone"]["feature_dim"] == wide
+    assert r["head"].startswith(f"{wide}→")

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from headstart.backbones import create_backbone
 from headstart.device import configure_threads, pick_device
 from headstart.distributed import DistInfo
 from headstart.errors import ConfigError
@@ -109,6 +108,7 @@ def run_linear_probe(cfg) -> object:
     from headstart.data import resolve_data
     from headstart.train import (
         TrainResult,
+        backbone_for,
         feature_datasets,
         log,
         prepare_output,
@@ -126,7 +126,7 @@ def run_linear_probe(cfg) -> object:
     device = pick_device(cfg.device)
     split = resolve_data(cfg.data, val=cfg.val, val_fraction=cfg.val_fraction, seed=cfg.seed)
     write_json(out / SPLIT, split.to_dict())
-    backbone = create_backbone(cfg.backbone, weights=cfg.weights)
+    backbone = backbone_for(cfg, weights=cfg.weights)
     model = TransferModel.build(backbone, HeadSpec("linear"), split.classes)
     apply_strategy(model, "linear-probe")
     trainable, frozen = count_params(model)

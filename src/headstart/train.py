@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from headstart import __version__
-from headstart.backbones import DEFAULT_BACKBONE, create_backbone, with_feature_blocks
+from headstart.backbones import DEFAULT_BACKBONE, Backbone, create_backbone, with_feature_blocks
 from headstart.cache import FeatureCache, default_cache_dir, model_key, weights_checksum
 from headstart.checkpoint import (
     CHECKPOINT,
@@ -213,6 +213,12 @@ class TrainResult:
         return load(self.run_dir, device=device)
 
 
+def backbone_for(cfg: TrainConfig, *, weights: str | None) -> Backbone:
+    """The run's backbone: cfg.backbone with `weights`, pooling cfg.feature_blocks blocks."""
+    backbone = create_backbone(cfg.backbone, weights=weights)
+    return with_feature_blocks(backbone, cfg.feature_blocks) if cfg.feature_blocks > 1 else backbone
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
@@ -287,9 +293,7 @@ def _run_training(cfg: TrainConfig, *, resume: bool) -> TrainResult:
 
     # --- model: backbone (pretrained unless scratch), new head, freezing, frozen proof
     weights = "none" if cfg.strategy == "scratch" else cfg.weights
-    backbone = create_backbone(cfg.backbone, weights=weights)
-    if cfg.feature_blocks > 1:
-        backbone = with_feature_blocks(backbone, cfg.feature_blocks)
+    backbone = backbone_for(cfg, weights=weights)
     head_spec = HeadSpec.parse(cfg.head, dropout=cfg.dropout)
     model = TransferModel.build(backbone, head_spec, split.classes)
     unfrozen = apply_strategy(model, cfg.strategy, unfreeze=cfg.unfreeze, patterns=cfg.unfreeze_patterns)
