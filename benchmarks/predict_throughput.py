@@ -40,7 +40,13 @@ def main() -> None:
         print(export(a.run, format="onnx").parity.describe())
     paths = expand_paths([a.folder])
     paths = paths[: a.limit] if a.limit else paths
-    engines = {"torch": headstart.load(a.run, device="cpu"), "onnx": load_onnx(a.run)}
+    # "torch" is headstart's predict (BN-folded channels-last fast path); "torch-plain" the stored
+    # model run as trained (NCHW, BatchNorm), i.e. what predict did before the fast path
+    engines = {
+        "torch": headstart.load(a.run, device="cpu"),
+        "torch-plain": headstart.load(a.run, device="cpu", fast=False),
+        "onnx": load_onnx(a.run),
+    }
     print(f"{len(paths)} images from {a.folder}; torch threads {torch.get_num_threads()}, "
           f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
 
@@ -67,17 +73,20 @@ def main() -> None:
             t = time.perf_counter()
             for j in range(0, len(xs), a.batch_size):
                 xb = xs[j : j + a.batch_size]
-                pred.predict_tensor(norm(xb) if name == "torch" else xb)
+                pred.predict_tensor(xb if name == "onnx" else norm(xb))
             model_s[name] += time.perf_counter() - t
 
     n = len(paths)
     agree = np.mean([x == y for x, y in zip(labels["torch"], labels["onnx"], strict=True)])
     for name in engines:
         rate, model_rate = n / e2e[name], 2 * len(xs) / model_s[name]
-        print(f"{name:5s} end-to-end {rate:7.1f} img/s   model-only {model_rate:7.1f} img/s")
+        print(f"{name:11s} end-to-end {rate:7.1f} img/s   model-only {model_rate:7.1f} img/s")
     print(f"top-1 agreement onnx vs torch: {agree:.2%} of {n}")
     print(f"ratio onnx/torch end-to-end: {e2e['torch'] / e2e['onnx']:.2f}x")
     print(f"ratio onnx/torch model-only: {model_s['torch'] / model_s['onnx']:.2f}x")
+    fast_e2e, fast_model = e2e["torch-plain"] / e2e["torch"], model_s["torch-plain"] / model_s["torch"]
+    print(f"ratio torch/torch-plain (the fast path in predict): end-to-end {fast_e2e:.2f}x, "
+          f"model-only {fast_model:.2f}x")  # fmt: skip
     print(f"load average after: {os.getloadavg()[0]:.1f} (machine shared with other processes)")
 
 
