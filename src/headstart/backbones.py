@@ -114,16 +114,7 @@ class Backbone(nn.Module):
         """Pooled features."""
         if not self.taps:
             return self.body(x)
-        outs: list[torch.Tensor] = []
-        # looked up by name at each call, so a copy of this module (the fast path's) taps its own blocks
-        hooks = [
-            self.get_submodule(t).register_forward_hook(lambda m, i, o: outs.append(o)) for t in self.taps
-        ]
-        try:
-            final = self.body(x)
-        finally:
-            for h in hooks:
-                h.remove()
+        final, outs = tapped_forward(self, self.taps, x)
         return torch.cat([_global_pool(o) for o in outs] + [final], dim=1)
 
     def block_groups(self) -> list[list[str]]:
@@ -189,13 +180,15 @@ def with_feature_blocks(backbone: Backbone, k: int) -> Backbone:
     return Backbone(backbone.body, cfg, backbone._groups)
 
 
-def tapped_forward(module: nn.Module, taps: list[str], x: torch.Tensor):
-    """module(x) and the outputs of the submodules named in `taps`, in the order they ran."""
+def tapped_forward(
+    backbone: Backbone, taps: list[str], x: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The body's output for x and the outputs of the submodules named in `taps`, in the order they ran."""
     outs: list[torch.Tensor] = []
-    # looked up by name at each call, so a copy of the module (the fast path's) taps its own blocks
-    hooks = [module.get_submodule(t).register_forward_hook(lambda m, i, o: outs.append(o)) for t in taps]
+    # looked up by name at each call, so a copy of the backbone (the fast path's) taps its own blocks
+    hooks = [backbone.get_submodule(t).register_forward_hook(lambda m, i, o: outs.append(o)) for t in taps]
     try:
-        return module.body(x), outs
+        return backbone.body(x), outs
     finally:
         for h in hooks:
             h.remove()
