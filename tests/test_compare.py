@@ -55,8 +55,11 @@ def test_compare_rejects_unknown_strategy(tmp_path, tiny_split):
 @pytest.mark.slow
 def test_compare_cli(tmp_path, tiny_split):
     r = run_cli("compare", tiny_split, "--strategies", "extract", "--backbones", TINY, "--weights", "none",
-                "--workers", "0", "-o", tmp_path / "cmp")  # fmt: skip
+                "--workers", "0", "--image-size", "64", "--feature-blocks", "2",
+                "-o", tmp_path / "cmp")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "| extract |" in r.stdout and (tmp_path / "cmp" / "compare.png").exists()
+    record = json.loads(next((tmp_path / "cmp").glob("*-extract/model.json")).read_text())
+    assert record["preprocessing"]["input_size"] == 64 and record["backbone"]["feature_blocks"] == 2
     r = run_cli("compare", tmp_path / "missing", "-o", tmp_path / "x")
     assert r.returncode == 2 and "headstart: error:" in r.stderr

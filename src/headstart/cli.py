@@ -366,7 +366,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
                   backbones=[b.strip() for b in a.backbones.split(",") if b.strip()],
                   output=a.output, epochs=a.epochs, seed=a.seed, weights=a.weights,
                   batch_size=a.batch_size, val=a.val, device=a.device,
-                  num_workers=a.workers)  # fmt: skip
+                  num_workers=a.workers, image_size=a.image_size,
+                  feature_blocks=a.feature_blocks)  # fmt: skip
     print(res.markdown)
     print(f"wrote {res.markdown_path}, {res.csv_path}, {res.plot_path}")
     return 0
@@ -505,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="weights FILE for the backbone, or 'none'")
     p.add_argument("--val", default=None, help="separate validation folder of class subfolders")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=None, help="input size instead of the backbone's")
+    p.add_argument(
+        "--feature-blocks", type=int, default=1, metavar="K", help="pool the last K block groups (see train)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None)
