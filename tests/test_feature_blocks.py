@@ -121,3 +121,13 @@ def test_linear_probe_uses_the_wider_features(multi_run, tmp_path):
     assert r["cache_hit_rate"] == 1.0  # the features the extract run cached
     assert json.loads((tmp_path / "p" / "model.json").read_text())["backbone"]["feature_dim"] == wide
     assert r["head"].startswith(f"{wide}→")
+
+
+def test_finetune_with_feature_blocks_keeps_the_frozen_blocks_frozen(tiny_split, tmp_path):
+    r = headstart.train(str(tiny_split), output=str(tmp_path / "ft"), backbone=TINY, weights="none",
+                        strategy="finetune", unfreeze=2, feature_blocks=3, epochs=1, batch_size=8,
+                        num_workers=0)  # fmt: skip
+    assert r["frozen_tensors_changed"] == 0 and r["trainable_tensors_changed"] > 0
+    record = json.loads((tmp_path / "ft" / "model.json").read_text())
+    assert record["backbone"]["feature_blocks"] == 3
+    assert r["head"].startswith(f"{record['backbone']['feature_dim']}→")
