@@ -31,6 +31,16 @@ class Features:
     rows: list[tuple[str, int]] | None = None  # (shard, row) in the cache, when load=False
 
 
+def cache_stats(*parts: Features) -> dict:
+    """The cache figures results.json reports, summed over several extractions."""
+    hits, misses = sum(p.hits for p in parts), sum(p.misses for p in parts)
+    return {
+        "cache_hit_rate": round(hits / max(hits + misses, 1), 6),
+        "features_extracted": misses,
+        "features_from_cache": hits,
+    }
+
+
 @torch.inference_mode()
 def extract_features(
     backbone: Backbone,

@@ -59,6 +59,17 @@ def keep_frozen_bn_eval(model: nn.Module) -> int:
     return n
 
 
+class FrozenBNStaysEval(nn.Module):
+    """Base for modules whose `train()` keeps frozen BatchNorm layers in eval mode (the policy above)."""
+
+    def train(self, mode: bool = True):
+        """Like nn.Module.train, but frozen BatchNorm layers stay in eval mode."""
+        super().train(mode)
+        if mode:
+            keep_frozen_bn_eval(self)
+        return self
+
+
 def apply_strategy(
     model: nn.Module,
     strategy: str,

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from headstart.backbones import Backbone
-from headstart.freezing import keep_frozen_bn_eval
+from headstart.freezing import FrozenBNStaysEval
 from headstart.heads import HeadSpec, build_head
 
 
-class TransferModel(nn.Module):
+class TransferModel(FrozenBNStaysEval):
     """backbone -> pooled features -> head; `train()` keeps frozen BatchNorm layers in eval."""
 
     def __init__(self, backbone: Backbone, head: nn.Module, head_spec: HeadSpec, classes: list[str]):
@@ -29,10 +29,3 @@ class TransferModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits. Frozen layers see inputs without requires_grad, so they record no graph."""
         return self.head(self.backbone(x))
-
-    def train(self, mode: bool = True) -> TransferModel:
-        """Like nn.Module.train, but frozen BatchNorm layers stay in eval mode."""
-        super().train(mode)
-        if mode:
-            keep_frozen_bn_eval(self)
-        return self

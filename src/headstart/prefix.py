@@ -23,8 +23,8 @@ from torch.utils.data import Dataset
 from headstart.cache import FeatureCache
 from headstart.data import DataSplit, Preprocess, Skipped, eval_transform
 from headstart.errors import ConfigError
-from headstart.features import extract_features
-from headstart.freezing import keep_frozen_bn_eval
+from headstart.features import cache_stats, extract_features
+from headstart.freezing import FrozenBNStaysEval
 from headstart.model import TransferModel
 
 
@@ -62,7 +62,7 @@ class Prefix(nn.Module):
         return self.layers(x).flatten(1)
 
 
-class Suffix(nn.Module):
+class Suffix(FrozenBNStaysEval):
     """The trainable rest of the backbone plus the head: activation maps -> logits.
 
     Shares its modules with the TransferModel, so training it trains that model.
@@ -80,13 +80,6 @@ class Suffix(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits."""
         return self.head(self.features(x))
-
-    def train(self, mode: bool = True) -> Suffix:
-        """Like nn.Module.train, but frozen BatchNorm layers stay in eval mode (the freezing policy)."""
-        super().train(mode)
-        if mode:
-            keep_frozen_bn_eval(self)
-        return self
 
 
 @dataclass
@@ -209,12 +202,13 @@ def prefix_datasets(
     ftr = extract_features(sp.prefix, split.train, tf, desc="prefix train", **kw)
     fva = extract_features(sp.prefix, split.val, tf, desc="prefix val", **kw)
     secs = ftr.seconds + fva.seconds
-    hits, misses = ftr.hits + fva.hits, ftr.misses + fva.misses
-    hit_rate = hits / max(hits + misses, 1)
+    stats = cache_stats(ftr, fva)
+    hits, misses = stats["features_from_cache"], stats["features_extracted"]
     aug = cfg.augment
     log(
         f"cache-prefix: frozen prefix up to {sp.at} cached as {'x'.join(map(str, sp.shape))} float16 maps "
-        f"({hits + misses} images, {misses} computed, {hits} from cache, hit rate {hit_rate:.0%}, "
+        f"({hits + misses} images, {misses} computed, {hits} from cache, "
+        f"hit rate {stats['cache_hit_rate']:.0%}, "
         f"{secs:.1f}s); epochs train the suffix and head with "
         + ("map flips only" if aug.hflip or aug.vflip else "no augmentation")
         + " (random crops, rotation and colour jitter are not applied to cached maps)"
@@ -223,12 +217,5 @@ def prefix_datasets(
         cache, ftr.rows, sp.shape, ftr.y, ftr.index, hflip=aug.hflip, vflip=aug.vflip, keep=tmp
     )
     val_ds = CachedMaps(cache, fva.rows, sp.shape, fva.y, fva.index, keep=tmp)
-    stats = {
-        "cache_prefix": True,
-        "prefix_split": sp.at,
-        "prefix_map_shape": list(sp.shape),
-        "cache_hit_rate": round(hit_rate, 6),
-        "features_extracted": misses,
-        "features_from_cache": hits,
-    }
+    stats = {"cache_prefix": True, "prefix_split": sp.at, "prefix_map_shape": list(sp.shape), **stats}
     return PrefixInputs(sp.suffix, train_ds, val_ds, ftr.failed + fva.failed, secs, stats, cache.dir.name)

@@ -67,7 +67,7 @@ from headstart.distributed import (
     shard,
 )
 from headstart.errors import ConfigError, DataError, RunInterrupted, TrainingDiverged
-from headstart.features import Features, extract_features
+from headstart.features import Features, cache_stats, extract_features
 from headstart.freezing import (
     STRATEGIES,
     FrozenProof,
@@ -668,33 +668,21 @@ def feature_datasets(backbone, split: DataSplit, pp: Preprocess, cfg: TrainConfi
     tf = eval_transform(pp)
     cache = open_cache(cfg, backbone, pp)
     kw = dict(device=device, batch_size=64, num_workers=cfg.num_workers, draft=pp.resize_size, cache=cache)
-    ftr = gather_features(
-        extract_features(
-            backbone,
-            split.train,
-            tf,
-            desc="features train",
-            subset=shard(range(len(split.train)), dist),
-            **kw,
-        ),
-        dist,
-    )
-    fva = gather_features(
-        extract_features(
-            backbone, split.val, tf, desc="features val", subset=shard(range(len(split.val)), dist), **kw
-        ),
-        dist,
-    )
+
+    def features(items: list, desc: str) -> Features:  # each rank a strided share, then gathered
+        f = extract_features(backbone, items, tf, desc=desc, subset=shard(range(len(items)), dist), **kw)
+        return gather_features(f, dist)
+
+    ftr, fva = features(split.train, "features train"), features(split.val, "features val")
     views = augmented_views(backbone, split, pp, cfg, ftr.index, dist, kw)
-    secs = ftr.seconds + fva.seconds + sum(v.seconds for v in views)
-    n = len(ftr.y) + len(fva.y) + sum(len(v.y) for v in views)
-    hits = ftr.hits + fva.hits + sum(v.hits for v in views)
-    misses = ftr.misses + fva.misses + sum(v.misses for v in views)
-    hit_rate = hits / max(hits + misses, 1)
+    parts = [ftr, fva, *views]
+    secs, n = sum(p.seconds for p in parts), sum(len(p.y) for p in parts)
+    stats = cache_stats(*parts)
+    hits, misses = stats["features_from_cache"], stats["features_extracted"]
     where = f"cache {cache.dir}" if cache is not None else "no cache"
     log(
-        f"features: {n} images in {secs:.1f}s, {misses} extracted "
-        f"({misses / max(secs, 1e-9):.1f} img/s), {hits} from {where} (hit rate {hit_rate:.0%})"
+        f"features: {n} images in {secs:.1f}s, {misses} extracted ({misses / max(secs, 1e-9):.1f} img/s), "
+        f"{hits} from {where} (hit rate {stats['cache_hit_rate']:.0%})"
     )
     if cache is not None:
         cache.close()
@@ -704,7 +692,7 @@ def feature_datasets(backbone, split: DataSplit, pp: Preprocess, cfg: TrainConfi
         _FeatureDataset(fva.x, fva.y, fva.index),
         ftr.failed + fva.failed,
         secs,
-        {"cache_hit_rate": round(hit_rate, 6), "features_extracted": misses, "features_from_cache": hits},
+        stats,
     )
 
 
