@@ -23,20 +23,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--head", default="linear", help="linear | binary | mlp:H1,H2 (e.g. mlp:512,256)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout before head layers")
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="input size instead of the backbone's (smaller is faster, e.g. for 32 px images)",
-    )
-    p.add_argument(
-        "--feature-blocks",
-        type=int,
-        default=1,
-        metavar="K",
-        help="features = average-pooled outputs of the last K block groups, concatenated (default 1: "
-        "the usual pooled features; earlier blocks can transfer better to unlike domains)",
-    )
+    _input_args(p)
     g = p.add_argument_group("optimisation")
     g.add_argument(
         "--epochs",
@@ -129,6 +116,24 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )
     r.add_argument(
         "--calibrate", action="store_true", help="fit a temperature on the val split after training"
+    )
+
+
+def _input_args(p: argparse.ArgumentParser) -> None:
+    """--image-size and --feature-blocks (train and compare)."""
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input size instead of the backbone's (smaller is faster, e.g. for 32 px images)",
+    )
+    p.add_argument(
+        "--feature-blocks",
+        type=int,
+        default=1,
+        metavar="K",
+        help="features = average-pooled outputs of the last K block groups, concatenated (default 1: "
+        "the usual pooled features; earlier blocks can transfer better to unlike domains)",
     )
 
 
@@ -506,10 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="weights FILE for the backbone, or 'none'")
     p.add_argument("--val", default=None, help="separate validation folder of class subfolders")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=None, help="input size instead of the backbone's")
-    p.add_argument(
-        "--feature-blocks", type=int, default=1, metavar="K", help="pool the last K block groups (see train)"
-    )
+    _input_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None)

@@ -21,6 +21,7 @@ from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from headstart.device import available_cores
 from headstart.errors import ConfigError, DataError
 
 IMG_EXTENSIONS = (
@@ -331,16 +332,12 @@ def _interp(name: str) -> T.InterpolationMode:
         return T.InterpolationMode.BILINEAR
 
 
-def eval_transform(pp: Preprocess) -> T.Compose:
-    """Resize the shorter side, centre crop, normalise."""
-    return T.Compose(
-        [
-            T.Resize(pp.resize_size, interpolation=_interp(pp.interpolation)),
-            T.CenterCrop(pp.input_size),
-            T.ToTensor(),
-            T.Normalize(pp.mean, pp.std),
-        ]
-    )
+def eval_transform(pp: Preprocess, *, normalize: bool = True) -> T.Compose:
+    """Resize the shorter side, centre crop, normalise (normalize=False: [0, 1] floats, as exported
+    models take them)."""
+    ops = [T.Resize(pp.resize_size, interpolation=_interp(pp.interpolation)), T.CenterCrop(pp.input_size),
+           T.ToTensor()]  # fmt: skip
+    return T.Compose(ops + [T.Normalize(pp.mean, pp.std)] if normalize else ops)
 
 
 def train_transform(pp: Preprocess, aug: Augment = Augment()) -> T.Compose:
@@ -441,7 +438,7 @@ def collate(samples: list) -> Batch:
 
 def default_workers() -> int:
     """Loader processes: one per core beyond the one the model's main thread uses, at least 1."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = available_cores()
     return max(1, min(8, n - 1)) if n > 1 else 0
 
 

@@ -31,9 +31,14 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def configure_threads() -> int:
     """Use every core this process may run on for intra-op math; returns the count."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = available_cores()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from headstart.data import IGNORED_NAMES, IMG_EXTENSIONS, VAL_DIR_NAMES, explain_failure, to_rgb
+from headstart.device import available_cores
 from headstart.errors import ConfigError, DataError
 
 FEW_COLOURS = 64  # a photo has thousands of distinct colours; a placeholder or icon has a few
@@ -345,7 +346,7 @@ def diagnose(
     if not root.is_dir():
         raise DataError(f"Data folder {str(root)!r} does not exist or is not a folder.")
     layout, files, stray, _ = scan(root)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     inspect = partial(inspect_file, want_hash=duplicates)
     with warnings.catch_warnings():  # bombs are detected from the header, by size, not warned
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)

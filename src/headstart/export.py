@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-from headstart.data import Preprocess, _interp, load_image
+from headstart.data import Preprocess, eval_transform, load_image
 from headstart.errors import ConfigError, HeadstartError
 from headstart.heads import logits_to_probs
 from headstart.runs import MODEL_JSON, SPLIT, WEIGHTS, read_json, save_weights, write_json
@@ -92,14 +92,6 @@ class ExportModule(nn.Module):
         """Probabilities [B, C] and logits."""
         logits = self.model((image - self.mean) / self.std)
         return logits_to_probs(logits / self.temperature, self.head_kind), logits
-
-
-def unnormalized_transform(pp: Preprocess) -> T.Compose:
-    """The eval preprocessing without Normalize: resize shorter side, centre crop, [0, 1] floats."""
-    return T.Compose(
-        [T.Resize(pp.resize_size, interpolation=_interp(pp.interpolation)), T.CenterCrop(pp.input_size),
-         T.ToTensor()]
-    )  # fmt: skip
 
 
 def export_metadata(record: dict, *, fmt: str, exporter: str) -> dict:
@@ -331,7 +323,7 @@ def check_parity(
 ) -> Parity:
     """Compare probabilities of the original predictor and an exported model on the same images."""
     pils, source, skipped = parity_images(run_dir, max_images=max_images)
-    t01 = unnormalized_transform(original.preprocess)
+    t01 = eval_transform(original.preprocess, normalize=False)
     norm = T.Normalize(original.preprocess.mean, original.preprocess.std)
     diffs, agree = [], 0
     for i in range(0, len(pils), batch_size):

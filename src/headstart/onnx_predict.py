@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from headstart.data import Preprocess
+from headstart.data import Preprocess, eval_transform
+from headstart.device import available_cores
 from headstart.errors import ConfigError, DataError
-from headstart.export import INPUT_NAME, OUTPUT_NAMES, read_onnx_metadata, unnormalized_transform
+from headstart.export import INPUT_NAME, OUTPUT_NAMES, read_onnx_metadata
 from headstart.predict import Predictor
 
 
@@ -28,8 +29,7 @@ def onnx_session(path: str | os.PathLike, *, threads: int | None = None):
     """A CPU ONNX Runtime session; `threads` defaults to the cores this process may use."""
     ort = _ort()
     opts = ort.SessionOptions()
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    opts.intra_op_num_threads = threads or n
+    opts.intra_op_num_threads = threads or available_cores()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
@@ -66,7 +66,7 @@ class OnnxPredictor(Predictor):
         self.classes = list(meta["classes"])
         self.temperature = float(meta.get("temperature", 1.0))
         self.device = torch.device("cpu")
-        self.transform = unnormalized_transform(self.preprocess)
+        self.transform = eval_transform(self.preprocess, normalize=False)
         self.session = onnx_session(self.path, threads=threads)
         self.model = None
 

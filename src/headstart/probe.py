@@ -90,6 +90,7 @@ def fit_probe(
         cv=(StratifiedGroupKFold if grouped else StratifiedKFold)(folds, shuffle=True, random_state=seed),
         scoring=scoring,
         n_jobs=1,
+        refit=False,  # the best C is fitted once, below, on every row
     ).fit(xcv, ycv, **({"groups": gcv} if grouped else {}))
     best_c = float(search.best_params_["C"])
     final = (LogisticRegression(C=best_c, max_iter=3000) if classifier == "logistic"
