@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from headstart.backbones import create_backbone
-from headstart.device import configure_threads, pick_device
-from headstart.fastpath import inference_model
+from headstart.core.device import configure_threads, pick_device
+from headstart.models.backbones import create_backbone
+from headstart.models.fastpath import inference_model
 
 
 def rate(fn, x, n) -> float:
@@ -62,7 +62,7 @@ def main() -> None:
         "headstart": headstart_path,
         "channels_last": channels_last,
     }
-    from headstart.fastpath import fold_batchnorm
+    from headstart.models.fastpath import fold_batchnorm
 
     folded = copy.deepcopy(bb)
     fold_batchnorm(folded)

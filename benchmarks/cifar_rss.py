@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from _data import CIFAR_TAR
 
-from headstart.backbones import create_backbone
-from headstart.cache import FeatureCache
-from headstart.data import eval_transform, scan_class_tree
-from headstart.device import configure_threads
-from headstart.features import extract_features
-from headstart.train import preprocess_of
+from headstart.core.device import configure_threads
+from headstart.data.layout import scan_tree
+from headstart.data.transforms import eval_transform
+from headstart.features.cache import FeatureCache
+from headstart.features.extract import extract_features
+from headstart.models.backbones import create_backbone
+from headstart.training.setup import preprocess_of
 
 
 def rss_mib() -> float:
@@ -44,7 +45,7 @@ def main() -> None:
     configure_threads()
     bb = create_backbone("efficientnet_lite0").eval()
     pp = preprocess_of(bb)
-    _, items, _ = scan_class_tree(root / "cifar10" / "train")
+    items = scan_tree(root / "cifar10" / "train").items
     items = items[: a.limit] if a.limit else items
     base = rss_mib()
     t = time.perf_counter()

@@ -13,7 +13,8 @@ from pathlib import Path
 from _data import HYMENOPTERA
 from PIL import Image
 
-from headstart.doctor import dhash, diagnose
+from headstart.data.doctor import diagnose
+from headstart.data.inspect import dhash
 
 
 def naive(root: Path) -> int:

@@ -17,9 +17,9 @@ from torch import nn
 from torchvision import datasets
 
 import headstart
-from headstart.backbones import create_backbone
-from headstart.data import eval_transform
-from headstart.train import preprocess_of
+from headstart.data.transforms import eval_transform
+from headstart.models.backbones import create_backbone
+from headstart.training.setup import preprocess_of
 
 DEFAULT_DATA = HYMENOPTERA
 

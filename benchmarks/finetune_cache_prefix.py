@@ -35,7 +35,7 @@ def default_data() -> Path:
 def timed_run(data: Path, output: str, **options) -> tuple[float, dict]:
     t = time.perf_counter()
     r = headstart.train(data, output=output, **options)
-    return time.perf_counter() - t, r.results
+    return time.perf_counter() - t, r.results.to_dict()
 
 
 def main() -> None:

@@ -16,11 +16,13 @@ import torch
 from _data import HYMENOPTERA
 from torchvision import datasets
 
-from headstart.backbones import create_backbone
-from headstart.data import ImageDataset, eval_transform, make_loader, resolve_data
-from headstart.device import configure_threads
-from headstart.fastpath import inference_batch_size, inference_model
-from headstart.train import preprocess_of
+from headstart.core.device import configure_threads
+from headstart.data.layout import resolve_data
+from headstart.data.loading import ImageDataset, make_loader
+from headstart.data.transforms import eval_transform
+from headstart.models.backbones import create_backbone
+from headstart.models.fastpath import inference_batch_size, inference_model
+from headstart.training.setup import preprocess_of
 
 
 def main() -> None:

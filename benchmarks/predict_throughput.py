@@ -31,14 +31,14 @@ def main() -> None:
     a = ap.parse_args()
 
     import headstart
-    from headstart.onnx_predict import load_onnx
-    from headstart.predict import expand_paths
+    from headstart.data.layout import expand_inputs
+    from headstart.inference.onnx import load_onnx
 
     if not os.path.exists(os.path.join(a.run, "model.onnx")):
-        from headstart.export import export
+        from headstart.deploy.export import export
 
         print(export(a.run, format="onnx").parity.describe())
-    paths = expand_paths([a.folder])
+    paths, _ = expand_inputs([a.folder])
     paths = paths[: a.limit] if a.limit else paths
     # "torch" is headstart's predict (BN-folded channels-last fast path); "torch-plain" the stored
     # model run as trained (NCHW, BatchNorm), i.e. what predict did before the fast path
@@ -62,7 +62,7 @@ def main() -> None:
 
     # model only: the same preprocessed batches through both engines
     tf = engines["onnx"].transform
-    from headstart.data import load_image
+    from headstart.data.images import load_image
 
     xs = torch.stack([tf(load_image(p, draft=engines["onnx"].preprocess.resize_size)) for p in paths[:256]])
     norm = __import__("torchvision").transforms.Normalize(engines["torch"].preprocess.mean,

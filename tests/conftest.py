@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -32,6 +33,16 @@ TINY = "timm:test_efficientnet"
 def _private_feature_cache(tmp_path_factory):
     """The suite never reads or fills the user's feature cache."""
     os.environ["HEADSTART_CACHE"] = str(tmp_path_factory.mktemp("feature-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_headstart_logger():
+    """A CLI call in this process configures headstart's logger; later tests get the library default."""
+    log = logging.getLogger("headstart")
+    saved = (list(log.handlers), log.level, log.propagate)
+    yield
+    log.handlers[:], log.propagate = saved[0], saved[2]
+    log.setLevel(saved[1])
 
 
 @pytest.fixture(autouse=True)

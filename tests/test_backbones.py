@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from headstart.backbones import (
-    EMBEDDED,
-    backbone_from_config,
-    create_backbone,
-    load_state_dict_file,
-    map_lukemelas_state_dict,
-)
-from headstart.errors import ConfigError, WeightsError
+from headstart.core.errors import ConfigError, WeightsError
+from headstart.models.backbones import backbone_from_config, create_backbone, list_backbones
+from headstart.models.sources import EMBEDDED, FAMILIES, resolve_name
+from headstart.models.weights import load_state_dict_file, map_lukemelas_state_dict
 
 from conftest import run_cli
 
@@ -173,3 +172,104 @@ def test_cli_missing_weights_exit_2_no_traceback(tmp_path):
     assert "Traceback" not in r.stderr
     assert "resnet50" in r.stderr and "--weights FILE" in r.stderr
     assert r.stderr.count("\n") == 1  # one paragraph
+
+
+# ----------------------------------------------------------------------------- the family registry
+
+
+def _fake_hf_repo(hub: Path, repo: str, arch: str, state: dict | None) -> None:
+    """A timm-format repo laid out as huggingface_hub caches it: refs/main -> snapshots/REV/."""
+    from safetensors.torch import save_file
+
+    base = hub / f"models--{repo.replace('/', '--')}"
+    snap = base / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text("0" * 40)
+    (snap / "config.json").write_text(json.dumps({"architecture": arch, "num_classes": 1000}))
+    if state is not None:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(snap / "model.safetensors"))
+
+
+@pytest.fixture
+def caches(tmp_path, monkeypatch):
+    """Empty torch hub and Hugging Face caches (the test puts weights in them)."""
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    (tmp_path / "hf").mkdir()
+    return tmp_path
+
+
+def _place_weights(family, caches: Path) -> dict:
+    """Put pretrained-looking weights of the family's example where `locate` looks; returns them."""
+    import timm
+    import torchvision
+
+    name = family.example
+    if family.name == "embedded":
+        return load_state_dict_file(family.locate(name).path)
+    if family.name == "torchvision":
+        arch = name.split(":", 1)[1]
+        model = torchvision.models.get_model(arch, weights=None)
+        url = torchvision.models.get_model_weights(arch).DEFAULT.url
+        path = caches / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+        path.parent.mkdir(parents=True)
+        torch.save(model.state_dict(), path)
+        return model.state_dict()
+    model = timm.create_model("test_efficientnet", pretrained=False)
+    _fake_hf_repo(caches / "hf", "timm/test_efficientnet.r160_in1k", "test_efficientnet", model.state_dict())
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES.values()), ids=list(FAMILIES))
+def test_every_family_locates_then_loads_its_weights(family, caches):
+    """`locate` says where the weights are without building anything; `create_backbone` loads them."""
+    state = _place_weights(family, caches)
+    fam, arch = resolve_name(family.example)
+    assert fam is family
+    where = family.locate(arch)
+    assert where.found, where
+    bb = create_backbone(family.example)
+    assert bb.config.source == family.name and bb.config.weights == str(where.path)
+    loaded = bb.body.state_dict()
+    same = [k for k, v in loaded.items() if k in state and torch.equal(v, state[k])]
+    assert len(same) >= 0.9 * len(loaded) or family.name == "embedded"  # embedded keys are renamed
+    size = bb.config.input_size
+    with torch.no_grad():
+        assert bb.eval()(torch.zeros(1, 3, size, size)).shape == (1, bb.feature_dim)
+    assert bb.block_groups() and list(backbone_from_config(bb.config).state_dict()) == list(bb.state_dict())
+    listed = {e.name: e for e in list_backbones(family=family.name)}
+    assert listed[family.example].weights == str(where.path)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES.values() if f.name != "embedded"],
+                         ids=[n for n in FAMILIES if n != "embedded"])  # fmt: skip
+def test_every_family_says_where_it_looked_when_weights_are_missing(family, caches):
+    if family.name == "hf":  # the repo's config is cached, its weights are not
+        _fake_hf_repo(caches / "hf", "timm/test_efficientnet.r160_in1k", "test_efficientnet", None)
+    with pytest.raises(WeightsError) as e:
+        create_backbone(family.example)
+    msg = str(e.value)
+    assert family.example in msg and "--weights FILE" in msg and "never downloads" in msg
+    bb = create_backbone(family.example, weights="none")  # random init needs no weights at all
+    assert bb.config.weights == "none"
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES.values() if f.name != "hf"],
+                         ids=[n for n in FAMILIES if n != "hf"])  # fmt: skip
+def test_every_family_answers_a_typo_with_the_nearest_names(family):
+    name = family.example[:-1] + ("x" if family.example[-1] != "x" else "y")
+    with pytest.raises(ConfigError, match=re.escape(family.example.split(":", 1)[-1])):
+        create_backbone(name)
+
+
+def test_backbones_cli_lists_names_and_where_their_weights_are():
+    r = run_cli("backbones", "--family", "embedded")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:-1]}
+    assert set(rows) == {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+    assert all(".pth" in line for line in rows.values())
+    r = run_cli("backbones", "--family", "torchvision", TORCH_HOME="/nonexistent")
+    assert r.returncode == 0 and "tv:resnet50" in r.stdout and "0 with weights here" in r.stdout

@@ -22,9 +22,9 @@ from bad_images import (
 )
 from PIL import Image
 
-from headstart.data import load_image
-from headstart.errors import DataError
-from headstart.train import train
+from headstart.core.errors import DataError
+from headstart.data.images import load_image
+from headstart.training.run import train
 
 from conftest import TINY, make_class_tree, run_cli
 
@@ -115,8 +115,8 @@ def test_3_of_60_broken_trains_to_the_end(tmp_path, strategy):
     bad = broken_60(tmp_path / "data", 3)
     r = train(tmp_path / "data", output=tmp_path / "run", backbone=TINY, weights="none",
               strategy=strategy, epochs=3, lr=0.05, batch_size=8, num_workers=0)  # fmt: skip
-    assert r.results["epochs_run"] == 3
-    assert sorted(s["path"] for s in r.results["skipped_files"]) == sorted(map(str, bad))
+    assert r.results.epochs_run == 3
+    assert sorted(s["path"] for s in r.results.skipped_files) == sorted(map(str, bad))
 
 
 @pytest.mark.parametrize("strategy", ["extract", "finetune"])

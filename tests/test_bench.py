@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from headstart.bench import bench
+from headstart.insight.bench import bench
 
 from conftest import TINY, run_cli
 
@@ -22,8 +22,8 @@ def test_bench_api_and_cli():
 def test_inference_model_folds_bn_and_keeps_features():
     import torch
 
-    from headstart.backbones import create_backbone
-    from headstart.fastpath import fold_batchnorm, inference_model
+    from headstart.models.backbones import create_backbone
+    from headstart.models.fastpath import fold_batchnorm, inference_model
 
     torch.manual_seed(0)
     bb = create_backbone(TINY, weights="none").eval()
@@ -48,8 +48,8 @@ def test_inference_model_folds_bn_and_keeps_features():
 def test_inference_model_is_rebuilt_after_weights_change():
     import torch
 
-    from headstart.backbones import create_backbone
-    from headstart.fastpath import inference_model
+    from headstart.models.backbones import create_backbone
+    from headstart.models.fastpath import inference_model
 
     bb = create_backbone(TINY, weights="none").eval()
     x = torch.randn(2, 3, 64, 64)

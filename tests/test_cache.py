@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import headstart
-from headstart.backbones import create_backbone
-from headstart.cache import FeatureCache, file_key, model_key, weights_checksum
-from headstart.runs import load_weights
+from headstart.features.cache import FeatureCache, file_key, model_key, weights_checksum
+from headstart.models.backbones import create_backbone
+from headstart.models.store import load_weights
 
 from conftest import TINY
 
@@ -46,7 +46,7 @@ def test_other_weights_or_preprocessing_miss(tiny_split, tmp_path):
 def test_cached_training_matches_live_features(tiny_split, tmp_path):
     a = headstart.train(tiny_split, output=tmp_path / "cached", cache_dir=str(tmp_path / "c"), **FAST)
     b = headstart.train(tiny_split, output=tmp_path / "live", cache=False, **FAST)
-    assert "cache_hit_rate" in b.results and b["features_extracted"] == 34
+    assert b.results.cache_hit_rate is not None and b["features_extracted"] == 34
     wa = load_weights(tmp_path / "cached" / "model.safetensors")["head.0.weight"]
     wb = load_weights(tmp_path / "live" / "model.safetensors")["head.0.weight"]
     # float16 storage rounds features by ~5e-4 relative; the heads agree to that order
@@ -77,9 +77,11 @@ def test_shards_roundtrip_and_unfinished_shard_is_invisible(tmp_path, tiny_split
 
 
 def test_cache_views_extracts_augmented_views_once_and_serves_them(tiny_split, tmp_path):
-    from headstart.data import resolve_data
-    from headstart.distributed import DistInfo
-    from headstart.train import TrainConfig, feature_datasets, preprocess_of
+    from headstart.core.distributed import DistInfo
+    from headstart.data.layout import resolve_data
+    from headstart.features.views import feature_datasets
+    from headstart.training.options import TrainConfig
+    from headstart.training.setup import preprocess_of
 
     cache = tmp_path / "cache"
     r1 = headstart.train(tiny_split, output=tmp_path / "a", cache_dir=str(cache), cache_views=3, **FAST)
@@ -95,7 +97,7 @@ def test_cache_views_extracts_augmented_views_once_and_serves_them(tiny_split, t
     bb = create_backbone(TINY, weights="none")
     split = resolve_data(str(tiny_split), seed=0)
     pp, cpu = preprocess_of(bb, None), torch.device("cpu")
-    train_ds = feature_datasets(bb, split, pp, cfg.resolved(), cpu, DistInfo())[0]
+    train_ds = feature_datasets(bb, split, pp, cfg.resolved().feature_options(), cpu, DistInfo()).train
     assert len(train_ds.views) == 2
     for v in train_ds.views:  # augmented crops: other features than the eval view, row for row
         assert v.shape == train_ds.x.shape and not torch.allclose(v.float(), train_ds.x.float(), atol=1e-3)

@@ -12,14 +12,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 import headstart
-from headstart.backbones import Backbone, BackboneConfig, create_backbone
-from headstart.checkpoint import CHECKPOINT, load_checkpoint
-from headstart.errors import ConfigError
-from headstart.freezing import apply_strategy
-from headstart.heads import HeadSpec
-from headstart.model import TransferModel
-from headstart.prefix import split_model
-from headstart.train import resume, seed_everything, train
+from headstart.core.errors import ConfigError
+from headstart.core.files import CHECKPOINT
+from headstart.features.prefix import split_model
+from headstart.models.backbones import Backbone, create_backbone
+from headstart.models.config import BackboneConfig
+from headstart.models.freezing import unfreeze_last
+from headstart.models.heads import HeadSpec
+from headstart.models.transfer import TransferModel
+from headstart.training.checkpoint import load_checkpoint
+from headstart.training.run import resume, train
+from headstart.training.setup import seed_everything
 
 from conftest import TINY, run_cli
 
@@ -29,7 +32,7 @@ FAST = dict(backbone=TINY, weights="none", strategy="finetune", cache_prefix=Tru
 
 def finetune_model(backbone: Backbone, unfreeze: int = 2, patterns=()) -> TransferModel:
     model = TransferModel.build(backbone, HeadSpec.parse("linear"), ["a", "b"])
-    apply_strategy(model, "finetune", unfreeze=unfreeze, patterns=patterns)
+    unfreeze_last(model, unfreeze, patterns)
     return model
 
 
@@ -64,7 +67,7 @@ def test_prefix_then_suffix_equals_the_backbone(name, unfreeze, at, shape):
 def test_run_trains_the_suffix_saves_a_normal_model_and_reuses_the_cache(tiny_split, tmp_path):
     cache = tmp_path / "cache"
     r1 = train(tiny_split, output=tmp_path / "a", epochs=3, cache_dir=str(cache), **FAST)
-    res = r1.results
+    res = r1.results.to_dict()
     assert res["cache_prefix"] is True and res["prefix_split"] == "body.blocks.3.0"
     assert res["prefix_map_shape"] == [32, 20, 20]
     assert (res["cache_hit_rate"], res["features_extracted"], res["features_from_cache"]) == (0.0, 34, 0)
@@ -104,7 +107,7 @@ def test_no_cache_uses_a_temporary_cache(tiny_split, tmp_path):
 
 def test_interrupted_run_resumes_bit_identically(tiny_split, tmp_path, monkeypatch):
     """A crash at a checkpoint save, then resume: same weights and metrics as an uninterrupted run."""
-    import headstart.runs as runs
+    import headstart.core.files as runs
 
     real_replace, calls = os.replace, []
 

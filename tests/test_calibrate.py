@@ -7,15 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from headstart.calibrate import (
-    calibrate,
+from headstart.core.metrics import (
     expected_calibration_error,
     fit_temperature,
-    probs_from_logits,
+    probabilities_np,
     reliability_bins,
 )
-from headstart.predict import load
-from headstart.train import train
+from headstart.inference.predictor import load
+from headstart.insight.calibrate import calibrate
+from headstart.training.run import train
 
 from conftest import TINY, run_cli
 
@@ -34,18 +34,18 @@ def test_fit_recovers_a_known_temperature():
     # labels drawn from softmax(z / 2): the NLL-optimal temperature on z is about 2
     rng = np.random.default_rng(0)
     z = rng.normal(0, 4, (4000, 3))
-    p = probs_from_logits(z, "linear", 2.0)
+    p = probabilities_np(z, "linear", 2.0)
     y = np.array([rng.choice(3, p=row) for row in p])
     t = fit_temperature(z, y, "linear")
     assert t == pytest.approx(2.0, rel=0.1)
-    assert expected_calibration_error(probs_from_logits(z, "linear", t), y) < expected_calibration_error(
-        probs_from_logits(z, "linear", 1.0), y
+    assert expected_calibration_error(probabilities_np(z, "linear", t), y) < expected_calibration_error(
+        probabilities_np(z, "linear", 1.0), y
     )
 
 
 def test_binary_head_probabilities_follow_temperature():
     z = np.array([[2.0], [-1.0]])
-    p = probs_from_logits(z, "binary", 2.0)
+    p = probabilities_np(z, "binary", 2.0)
     assert p[:, 1] == pytest.approx(1 / (1 + np.exp(-z[:, 0] / 2)))
     assert p.sum(1) == pytest.approx([1, 1])
 
@@ -81,7 +81,7 @@ def test_calibrate_binary_head(tmp_path, tiny_split):
 
 
 def test_calibrate_refreshes_evaluation(tmp_path, tiny_split):
-    from headstart.evaluate import evaluate
+    from headstart.insight.evaluate import evaluate
 
     run = _noisy_run(tmp_path, tiny_split).run_dir
     ev0 = evaluate(run, device="cpu", num_workers=0)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 
 import pytest
 
-from headstart.compare import COLUMNS, compare
-from headstart.errors import ConfigError
+from headstart.core.errors import ConfigError
+from headstart.insight.compare import COLUMNS, compare
 
 from conftest import TINY, run_cli
 
@@ -41,10 +40,7 @@ def test_compare_writes_table_per_strategy(tmp_path, tiny_split):
     assert int(by["extract"]["trainable_params"]) < int(by["finetune"]["trainable_params"])
     assert int(by["finetune"]["trainable_params"]) < int(by["scratch"]["trainable_params"])
     assert by["scratch"]["epochs"] == "1" and by["finetune"]["epochs"] == "1"
-    if importlib.util.find_spec("headstart.probe") is None:
-        assert by["linear-probe"]["status"].startswith("not available")
-    else:
-        assert by["linear-probe"]["status"] == "ok"
+    assert by["linear-probe"]["status"] == "ok"
 
 
 def test_compare_rejects_unknown_strategy(tmp_path, tiny_split):

@@ -7,8 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from headstart.data import load_image, make_loader, ramp_batches, resolve_data, stratified_split, to_rgb
-from headstart.errors import ConfigError, DataError
+from headstart.core.errors import ConfigError, DataError
+from headstart.data.images import load_image, to_rgb
+from headstart.data.layout import resolve_data, stratified_split
+from headstart.data.loading import make_loader, ramp_batches
 
 from conftest import make_class_tree, make_image
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from headstart.runs import load_weights
+from headstart.models.store import load_weights
 
 from conftest import TINY, cli_env
 

@@ -14,8 +14,9 @@ import pytest
 from bad_images import make_bad_tree
 from PIL import Image
 
-from headstart.doctor import diagnose, format_report, near_duplicate_groups, quarantine
-from headstart.errors import ConfigError
+from headstart.core.errors import ConfigError
+from headstart.data.doctor import diagnose, format_report, quarantine
+from headstart.data.inspect import near_duplicate_groups
 
 from conftest import run_cli
 

@@ -11,7 +11,8 @@ import pytest
 
 import headstart
 from headstart import cli
-from headstart.export import ExportParityError, export, read_onnx_metadata
+from headstart.deploy.export import ExportParityError, export
+from headstart.inference.onnx import read_onnx_metadata
 
 from conftest import TINY, make_class_tree, run_cli
 
@@ -64,7 +65,7 @@ def test_torchscript_and_safetensors_exports_pass_parity(tiny_run, tmp_path):
 
 
 def test_parity_failure_raises_exits_nonzero_and_moves_file_aside(tiny_run, tmp_path, monkeypatch, capsys):
-    import headstart.export as ex
+    import headstart.deploy.export as ex
 
     real = ex._runner
 
@@ -139,7 +140,7 @@ def test_hymenoptera_onnx_export_parity_and_same_top1_as_torch(hymenoptera_run, 
     r = export(hymenoptera_run, format="onnx")
     print(r.parity.describe())
     assert r.parity.passed and r.parity.images == 153
-    from headstart.onnx_predict import load_onnx
+    from headstart.inference.onnx import load_onnx
 
     val = [p for p, _ in json.loads((hymenoptera_run / "split.json").read_text())["val"]]
     torch_preds = headstart.load(hymenoptera_run, device="cpu").predict(val, num_workers=0)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import headstart
-from headstart.backbones import backbone_from_config, create_backbone, with_feature_blocks
-from headstart.errors import ConfigError
-from headstart.fastpath import inference_model
+from headstart.core.errors import ConfigError
+from headstart.models.backbones import backbone_from_config, create_backbone, with_feature_blocks
+from headstart.models.fastpath import inference_model
 
 from conftest import TINY, make_class_tree
 
@@ -94,7 +94,7 @@ def test_run_saves_the_wider_features_and_predicts_the_same_after_load(multi_run
 
 def test_onnx_export_of_feature_blocks_passes_parity(multi_run, tmp_path):
     pytest.importorskip("onnxruntime")
-    from headstart.export import export
+    from headstart.deploy.export import export
 
     r = export(multi_run[0], format="onnx", output=tmp_path / "m.onnx")
     assert r.parity.passed and r.parity.top1_agreement == 1.0 and r.parity.max_abs_diff <= 1e-4

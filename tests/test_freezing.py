@@ -6,11 +6,18 @@ import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from headstart.backbones import create_backbone
-from headstart.errors import ConfigError, FrozenTensorChanged
-from headstart.freezing import FrozenProof, apply_strategy, compact_names, count_params
-from headstart.heads import HeadSpec
-from headstart.model import TransferModel
+from headstart.core.errors import ConfigError, FrozenTensorChanged
+from headstart.models.backbones import create_backbone
+from headstart.models.freezing import (
+    FrozenProof,
+    compact_names,
+    count_params,
+    freeze_backbone,
+    train_everything,
+    unfreeze_last,
+)
+from headstart.models.heads import HeadSpec
+from headstart.models.transfer import TransferModel
 
 
 def _model(name="efficientnet_lite0", weights="none"):
@@ -19,7 +26,7 @@ def _model(name="efficientnet_lite0", weights="none"):
 
 def test_extract_freezes_backbone_only():
     m = _model()
-    assert apply_strategy(m, "extract") == []
+    assert freeze_backbone(m) == []
     trainable, frozen = count_params(m)
     assert trainable == 1280 * 2 + 2
     assert frozen == sum(p.numel() for p in m.backbone.parameters())
@@ -27,7 +34,7 @@ def test_extract_freezes_backbone_only():
 
 def test_finetune_unfreezes_last_groups():
     m = _model()
-    names = apply_strategy(m, "finetune", unfreeze=2)
+    names = unfreeze_last(m, 2)
     assert compact_names(names) == ["blocks.5", "blocks.6", "conv_head", "bn2"]
     assert all(not p.requires_grad for p in m.backbone.body.blocks[4].parameters())
     assert all(p.requires_grad for p in m.backbone.body.blocks[5].parameters())
@@ -37,27 +44,27 @@ def test_finetune_unfreezes_last_groups():
 
 def test_finetune_by_pattern_and_bad_patterns():
     m = _model()
-    names = apply_strategy(m, "finetune", unfreeze=0, patterns=[r"conv_head"])
+    names = unfreeze_last(m, 0, [r"conv_head"])
     assert compact_names(names) == ["conv_head"]
     assert m.backbone.body.conv_head.weight.requires_grad
     assert not m.backbone.body.bn2.weight.requires_grad
     with pytest.raises(ConfigError, match="matches no module"):
-        apply_strategy(m, "finetune", unfreeze=0, patterns=["nothing_like_this"])
+        unfreeze_last(m, 0, ["nothing_like_this"])
     with pytest.raises(ConfigError, match="out of range"):
-        apply_strategy(m, "finetune", unfreeze=99)
+        unfreeze_last(m, 99)
     with pytest.raises(ConfigError, match="trains nothing"):
-        apply_strategy(m, "finetune", unfreeze=0)
+        unfreeze_last(m, 0)
 
 
 def test_full_and_scratch_train_everything():
     m = _model()
-    apply_strategy(m, "full")
+    train_everything(m)
     assert count_params(m)[1] == 0
 
 
 def test_frozen_bn_stays_in_eval_mode_and_keeps_statistics():
     m = _model()
-    apply_strategy(m, "finetune", unfreeze=1)
+    unfreeze_last(m, 1)
     m.train()
     bns = {n: mod for n, mod in m.named_modules() if isinstance(mod, _BatchNorm)}
     frozen = [n for n, b in bns.items() if not b.weight.requires_grad]
@@ -74,7 +81,7 @@ def test_frozen_bn_stays_in_eval_mode_and_keeps_statistics():
 
 def test_proof_catches_a_tampered_frozen_tensor():
     m = _model()
-    apply_strategy(m, "extract")
+    freeze_backbone(m)
     proof = FrozenProof.take(m)
     with torch.no_grad():
         m.backbone.body.blocks[3][0].conv_pw.weight[0, 0, 0, 0] += 1e-3
@@ -88,7 +95,7 @@ def test_proof_catches_a_tampered_frozen_tensor():
 def test_proof_catches_bn_statistics_drift_lightning_pitfall():
     """BN left in train mode (the track_running_stats pitfall) is caught by the proof."""
     m = _model()
-    apply_strategy(m, "extract")
+    freeze_backbone(m)
     proof = FrozenProof.take(m)
     torch.nn.Module.train(m, True)  # plain train(): frozen BN layers are NOT kept in eval
     m(torch.randn(2, 3, 64, 64))
@@ -99,7 +106,7 @@ def test_proof_catches_bn_statistics_drift_lightning_pitfall():
 
 def test_proof_counts_cover_params_and_buffers():
     m = _model()
-    apply_strategy(m, "extract")
+    freeze_backbone(m)
     proof = FrozenProof.take(m)
     n_params = sum(1 for _ in m.backbone.parameters())
     n_bn_buffers = sum(1 for n, _ in m.backbone.named_buffers())

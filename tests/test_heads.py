@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headstart.errors import ConfigError
-from headstart.heads import HeadSpec, build_head, logits_to_probs, make_loss
+from headstart.core.errors import ConfigError
+from headstart.core.metrics import probabilities
+from headstart.models.heads import HeadSpec, build_head, make_loss
 
 
 def test_parse_and_describe():
@@ -37,7 +38,7 @@ def test_shapes_and_dropout_layers():
 
 def test_binary_probabilities_and_loss():
     logits = torch.tensor([[0.0], [2.0]])
-    p = logits_to_probs(logits, "binary")
+    p = probabilities(logits, "binary")
     assert torch.allclose(p.sum(1), torch.ones(2))
     assert p[0, 1] == pytest.approx(0.5) and p[1, 1] == pytest.approx(torch.sigmoid(torch.tensor(2.0)))
     loss = make_loss("binary")(logits, torch.tensor([0, 1]))

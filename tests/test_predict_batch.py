@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import headstart
-from headstart.batch import done_paths, predict_to_csv
-from headstart.errors import ConfigError
+from headstart.core.errors import ConfigError
+from headstart.deploy.batch import done_paths, predict_to_csv
 
 from conftest import TINY, make_class_tree, make_image, run_cli
 

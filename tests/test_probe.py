@@ -11,8 +11,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import headstart
-from headstart.errors import ConfigError
-from headstart.probe import CS, fit_probe
+from headstart.core.errors import ConfigError
+from headstart.training.strategies.linear_probe import CS, fit_probe
 
 from conftest import TINY
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import headstart
-from headstart.ray import FeatureExtractor, RayPredictor
+from headstart.deploy.ray import FeatureExtractor, RayPredictor
 
 ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'headstart[ray]'")
 pytest.importorskip("ray.data", reason="ray.data is not installed: pip install 'headstart[ray]'")
@@ -81,7 +81,7 @@ def test_ray_feature_extractor_gives_backbone_features(local_ray, hymenoptera_ru
     feats = np.stack(out["features"].to_numpy())
     assert feats.shape == (40, 1280) and np.isfinite(feats).all() and (out["error"] == "").all()
     p = headstart.load(hymenoptera_run, device="cpu")
-    from headstart.data import load_image
+    from headstart.data.images import load_image
 
     x = p.transform(load_image(out["path"][0], draft=p.preprocess.resize_size))[None]
     ref = p.model.backbone(x).detach().numpy()[0]

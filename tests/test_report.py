@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from headstart.report import FIGURES, SUSPECT_COLUMNS, build_report
-from headstart.train import train
+from headstart.insight.report import FIGURES, SUSPECT_COLUMNS, build_report
+from headstart.training.run import train
 
 from conftest import ROOT, TINY, run_cli
 

@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from headstart.checkpoint import CHECKPOINT, load_checkpoint
-from headstart.errors import ConfigError, DataError
-from headstart.train import resume, train
+from headstart.core.errors import ConfigError, DataError
+from headstart.core.files import CHECKPOINT
+from headstart.training.checkpoint import load_checkpoint
+from headstart.training.run import resume, train
 
 from conftest import TINY, cli_env, make_class_tree, run_cli
 
@@ -136,7 +137,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_130(data, tmp_path):
 @pytest.mark.parametrize("strategy", ["finetune", "extract"])
 def test_kill_during_save_keeps_previous_checkpoint(tiny_split, tmp_path, monkeypatch, strategy):
     """os.replace failing (as a crash mid-save would) leaves the previous checkpoint intact."""
-    import headstart.runs as runs
+    import headstart.core.files as runs
 
     run = tmp_path / "run"
     real_replace, calls = os.replace, []
@@ -160,7 +161,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tiny_split, tmp_path, monkey
     monkeypatch.setattr(runs.os, "replace", real_replace)
     resumed = resume(run)
     reference = train(tiny_split, output=tmp_path / "ref", checkpoint_every=2, **opts)
-    assert resumed.results["resumes"] == 1
+    assert resumed.results.resumes == 1
     assert_same_run(reference.run_dir, run)
 
 
@@ -173,7 +174,7 @@ def test_damaged_checkpoint_is_a_clear_error_naming_the_file(tiny_split, tmp_pat
     good = run / "good.pt"
     ck = run / CHECKPOINT
     # the finished run removed its checkpoint; make one the way a killed run leaves it
-    from headstart.checkpoint import save_checkpoint
+    from headstart.training.checkpoint import save_checkpoint
 
     save_checkpoint(good, {"model": {"w": torch.zeros(2)}, "epoch": 1})
     blob = good.read_bytes()
@@ -201,7 +202,7 @@ def test_resumable_sampler_gives_dataloaders_own_shuffle(n, bs, drop_last):
     """Checkpointing changes no result: the order equals DataLoader(shuffle=True, generator=seeded)."""
     from torch.utils.data import DataLoader
 
-    from headstart.checkpoint import ResumableSampler
+    from headstart.training.checkpoint import ResumableSampler
 
     g = torch.Generator()
     g.manual_seed(5)

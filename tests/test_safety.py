@@ -10,14 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from headstart.backbones import load_state_dict_file
-from headstart.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from headstart.errors import DataError, TrainingDiverged, WeightsError
-from headstart.train import train
+from headstart.core.errors import DataError, TrainingDiverged, WeightsError
+from headstart.core.files import CHECKPOINT
+from headstart.models.weights import load_state_dict_file
+from headstart.training.checkpoint import load_checkpoint, save_checkpoint
+from headstart.training.run import train
 
 from conftest import ROOT, TINY, make_class_tree, run_cli
 
-TRAIN_MODULE = sys.modules["headstart.train"]  # `headstart.train` the attribute is the function
+RUN_MODULE = sys.modules["headstart.training.run"]
+SETUP_MODULE = sys.modules["headstart.training.setup"]
 
 
 class Evil:
@@ -74,7 +76,7 @@ def test_checkpoint_refuses_non_finite_weights(tmp_path):
 
 def test_nan_loss_stops_within_one_step_and_names_the_batch(tiny_split, tmp_path, monkeypatch):
     """A NaN injected at step 3 stops the run at step 3: no update from it, nothing saved as a model."""
-    real = TRAIN_MODULE.make_loss
+    real = SETUP_MODULE.make_loss
     calls = []
 
     def poisoned(*a, **k):
@@ -89,7 +91,7 @@ def test_nan_loss_stops_within_one_step_and_names_the_batch(tiny_split, tmp_path
         fn.forward = maybe_nan
         return fn
 
-    monkeypatch.setattr(TRAIN_MODULE, "make_loss", poisoned)
+    monkeypatch.setattr(SETUP_MODULE, "make_loss", poisoned)
     run = tmp_path / "run"
     with pytest.raises(TrainingDiverged) as e:
         train(tiny_split, output=run, backbone=TINY, weights="none", strategy="finetune",
@@ -139,12 +141,18 @@ def test_same_seed_same_weights_with_0_and_2_workers(tmp_path):
 
 def test_deterministic_flag_turns_on_torch_deterministic_algorithms(tiny_split, tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(
-        TRAIN_MODULE,
-        "_run_training",
-        lambda cfg, resume: seen.append(torch.are_deterministic_algorithms_enabled()),
-    )
+
+    class Seen(Exception):
+        pass
+
+    def setup_run(cfg, strategy, resume):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        raise Seen
+
+    monkeypatch.setattr(RUN_MODULE, "setup_run", setup_run)
     before = torch.are_deterministic_algorithms_enabled()
-    train(tiny_split, output=tmp_path / "a", deterministic=True)
-    train(tiny_split, output=tmp_path / "b")
+    with pytest.raises(Seen):
+        train(tiny_split, output=tmp_path / "a", deterministic=True)
+    with pytest.raises(Seen):
+        train(tiny_split, output=tmp_path / "b")
     assert seen == [True, before] and torch.are_deterministic_algorithms_enabled() == before

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import headstart
-from headstart.device import pick_device
-from headstart.errors import ConfigError
+from headstart.core.device import pick_device
+from headstart.core.errors import ConfigError
 
 from conftest import TINY
 
@@ -61,7 +61,7 @@ def test_saved_model_predicts_identically_after_fresh_load(tiny_split, tmp_path)
 def test_backbone_training_strategies(tiny_split, tmp_path, strategy):
     r = headstart.train(tiny_split, output=tmp_path / strategy, strategy=strategy,
                         **{**FAST, "epochs": 6, "lr": 0.01})  # fmt: skip
-    res = r.results
+    res = r.results.to_dict()
     assert res["frozen_tensors_changed"] == 0
     if strategy == "finetune":
         assert res["frozen_params"] > 0 and res["frozen_tensors_checked"] > 0

@@ -1,0 +1,245 @@
+"""The subcommands: each turns parsed flags into one call of the Python API and prints the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from headstart.cli.fields import given
+from headstart.core.errors import ConfigError
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    """headstart train."""
+    from headstart.training.options import as_config
+    from headstart.training.run import resume, run
+
+    options = given(a, a.option_dests)
+    if a.resume:
+        if options.get("data") or a.config:
+            raise ConfigError(
+                f"--resume {a.resume} continues that run with the options saved in it; "
+                f"leave out DATA and --config ({options.get('data') or a.config!r})."
+            )
+        return _print_result(resume(a.resume))
+    cfg = as_config(a.config).with_overrides(options)
+    if a.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    return _print_result(run(cfg))
+
+
+def _print_result(result) -> int:
+    r = result.results
+    print(
+        f"val_accuracy={r.val_accuracy:.4f} val_loss={r.val_loss:.4f} best_epoch={r.best_epoch} "
+        f"frozen_tensors_changed={r.frozen_tensors_changed} train_seconds={r.train_seconds:.1f} "
+        f"run={result.run_dir}"
+    )
+    if r.calibration is not None:
+        _print_calibration(r.calibration)
+    return 0
+
+
+def _print_calibration(c: dict) -> None:
+    print(
+        f"temperature={c['temperature']:.4f} ece_before={c['ece_before']:.4f} "
+        f"ece_after={c['ece_after']:.4f} nll_before={c['nll_before']:.4f} nll_after={c['nll_after']:.4f}"
+    )
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    """headstart compare."""
+    from headstart.insight.compare import compare
+
+    options = given(a, a.option_dests)
+    res = compare(
+        a.data,
+        strategies=[s.strip() for s in a.strategies.split(",") if s.strip()],
+        backbones=[b.strip() for b in a.backbones.split(",") if b.strip()],
+        output=a.output,
+        epochs=a.epochs,
+        **options,
+    )
+    print(res.markdown)
+    print(f"wrote {res.markdown_path}, {res.csv_path}, {res.plot_path}")
+    return 0
+
+
+def cmd_backbones(a: argparse.Namespace) -> int:
+    """headstart backbones."""
+    from headstart.models.backbones import list_backbones
+
+    rows = [e for e in list_backbones(family=a.family) if e.weights or not a.available]
+    width = max([len(e.name) for e in rows] + [4]) + 2
+    print(f"{'name':<{width}}{'family':<13}weights on this machine")
+    for e in rows:
+        print(f"{e.name:<{width}}{e.family:<13}{e.weights or '-'}")
+    here = sum(1 for e in rows if e.weights)
+    print(
+        f"{len(rows)} backbones, {here} with weights here; others: --weights FILE, or copy the cache "
+        "(`headstart train` says where it looked)"
+    )
+    return 0
+
+
+def cmd_summary(a: argparse.Namespace) -> int:
+    """headstart summary."""
+    from headstart.insight.summary import summarize
+
+    print(
+        summarize(
+            a.backbone,
+            strategy=a.strategy,
+            unfreeze=a.unfreeze,
+            patterns=tuple(a.unfreeze_patterns or ()),
+            weights=a.weights,
+            num_classes=a.num_classes,
+            depth=a.depth,
+        )
+    )
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    """headstart evaluate."""
+    from headstart.insight.evaluate import evaluate
+
+    r = evaluate(a.run, data=a.data, device=a.device, batch_size=a.batch_size, num_workers=a.num_workers)
+    print(f"accuracy={r['accuracy']:.4f} loss={r['loss']:.4f} images={r['num_images']}")
+    width = max(len(c) for c in r["per_class"]) + 2
+    print(f"{'class':<{width}}precision  recall  f1      support")
+    for c, m in r["per_class"].items():
+        print(f"{c:<{width}}{m['precision']:<11.4f}{m['recall']:<8.4f}{m['f1']:<8.4f}{m['support']}")
+    cm = r["confusion_matrix"]
+    print("confusion matrix (rows true, cols predicted):", json.dumps(cm["rows_true_cols_pred"]))
+    if r["skipped_files"]:
+        print(f"skipped {len(r['skipped_files'])} unreadable files (see evaluation.json)")
+    print(f"wrote {os.path.join(a.run, 'evaluation.json')} and confusion_matrix.png")
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    """headstart predict."""
+    from headstart.inference.onnx import open_predictor
+
+    if a.resume and not a.csv:
+        raise ConfigError("--resume needs --csv FILE: it skips the images already in that file.")
+    predictor = open_predictor(a.run, engine=a.engine, device=a.device)
+    if a.csv:
+        from headstart.deploy.batch import predict_to_csv
+
+        summary = predict_to_csv(
+            predictor,
+            a.inputs,
+            a.csv,
+            top_k=a.top_k,
+            batch_size=a.batch_size,
+            num_workers=a.num_workers,
+            resume=a.resume,
+        )
+        print(summary.describe())
+        return 0
+    for p in predictor.iter_predict(
+        a.inputs, top_k=a.top_k, batch_size=a.batch_size, num_workers=a.num_workers
+    ):
+        if p.error:
+            print(f"{p.path}\tERROR\t{p.error}")
+        else:
+            pairs = "\t".join(f"{lab}\t{pr:.4f}" for lab, pr in zip(p.labels, p.probabilities, strict=True))
+            print(f"{p.path}\t{pairs}")
+    return 0
+
+
+def cmd_doctor(a: argparse.Namespace) -> int:
+    """headstart doctor."""
+    from headstart.data.doctor import diagnose, format_report, quarantine
+
+    size = 224
+    if a.backbone:  # judge tiny images against this backbone's input size (no weights needed)
+        from headstart.models.backbones import create_backbone
+
+        size = create_backbone(a.backbone, weights="none").config.input_size
+    report = diagnose(a.data, input_size=size, duplicates=not a.no_duplicates)
+    moved = quarantine(report, a.quarantine) if a.quarantine else []
+    if a.json:
+        print(json.dumps(report.to_dict() | ({"quarantined": moved} if a.quarantine else {}), indent=2))
+    else:
+        print(format_report(report, limit=a.limit))
+        if a.quarantine:
+            print(
+                f"quarantine: moved {len(moved)} unusable files to {a.quarantine} (manifest quarantine.json)"
+            )
+    return 1 if a.strict and report.problems else 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    """headstart bench."""
+    from headstart.insight.bench import bench
+
+    r = bench(
+        a.backbone,
+        weights=a.weights,
+        device=a.device,
+        batch_size=a.batch_size,
+        unfreeze=a.unfreeze,
+        min_seconds=a.seconds,
+    )
+    print(
+        f"{r['backbone']} at {r['input_size']}px on {r['device']} ({r['threads']} threads), "
+        f"batch {r['batch_size']}:"
+    )
+    for k, v in r.items():
+        if k.endswith("_img_s"):
+            print(f"  {k.removesuffix('_img_s'):<20} {v:10.1f} images/s")
+    return 0
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    """headstart calibrate."""
+    from headstart.insight.calibrate import calibrate
+
+    c = calibrate(a.run, data=a.data, device=a.device, batch_size=a.batch_size, num_workers=a.num_workers)
+    _print_calibration(c)
+    print(f"wrote temperature to {os.path.join(a.run, 'model.json')}; ECE in results.json")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    """headstart report."""
+    from headstart.insight.report import build_report
+
+    path = build_report(
+        a.run,
+        data=a.data,
+        top_losses=a.top_losses,
+        suspect_threshold=a.suspect_threshold,
+        device=a.device,
+        batch_size=a.batch_size,
+        num_workers=a.num_workers,
+    )
+    print(f"wrote {path} (figures and suspect_labels.csv beside it)")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    """headstart export."""
+    from headstart.deploy.export import export
+
+    r = export(
+        a.run,
+        format=a.format,
+        output=a.output,
+        opset=a.opset,
+        check=not a.no_check,
+        max_images=a.parity_images,
+    )
+    print(f"exported {a.format} to {r.path} ({r.exporter}, {r.seconds:.1f}s); metadata {r.metadata_path}")
+    if r.parity:
+        print(r.parity.describe() + " -> ok")
+        for s in r.parity.skipped:
+            print(f"  parity skipped unreadable file {s}")
+    return 0

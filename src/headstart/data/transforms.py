@@ -1,0 +1,110 @@
+"""Model-side preprocessing (saved with the model) and training augmentation, as torchvision transforms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torchvision import transforms as T
+
+from headstart.core.options import option
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Model-side preprocessing, saved in model.json so prediction needs no training options."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side before the centre crop."""
+        return int(round(self.input_size / self.crop_pct))
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form."""
+        return {
+            "input_size": self.input_size,
+            "resize_size": self.resize_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        """Inverse of to_dict."""
+        return cls(
+            input_size=int(d["input_size"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            interpolation=d.get("interpolation", "bicubic"),
+            crop_pct=float(d.get("crop_pct", 0.875)),
+        )
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentations. Defaults follow the tutorials: random resized crop + flip."""
+
+    crop_scale: float = option(
+        0.08,
+        help="smallest area fraction of RandomResizedCrop",
+        group="augmentation (training images)",
+        above=0,
+        max=1,
+    )
+    hflip: bool = option(
+        True, help="no horizontal flips", flag="--no-hflip", group="augmentation (training images)"
+    )
+    vflip: bool = option(
+        False, help="also flip vertically (e.g. satellite)", group="augmentation (training images)"
+    )
+    rotation: float = option(
+        0.0, help="max rotation in degrees", group="augmentation (training images)", min=0
+    )
+    color_jitter: float = option(
+        0.0, help="brightness/contrast/saturation", group="augmentation (training images)", min=0
+    )
+
+
+def _interp(name: str) -> T.InterpolationMode:
+    try:
+        return T.InterpolationMode(name)
+    except ValueError:
+        return T.InterpolationMode.BILINEAR
+
+
+def eval_transform(pp: Preprocess, *, normalize: bool = True) -> T.Compose:
+    """Resize the shorter side, centre crop, normalise (normalize=False: [0, 1] floats, as exported
+    models take them)."""
+    ops = [
+        T.Resize(pp.resize_size, interpolation=_interp(pp.interpolation)),
+        T.CenterCrop(pp.input_size),
+        T.ToTensor(),
+    ]
+    return T.Compose(ops + [T.Normalize(pp.mean, pp.std)] if normalize else ops)
+
+
+def train_transform(pp: Preprocess, aug: Augment = Augment()) -> T.Compose:
+    """Random resized crop (+ flips, rotation, colour jitter if asked), normalise."""
+    ops: list = [
+        T.RandomResizedCrop(
+            pp.input_size, scale=(aug.crop_scale, 1.0), interpolation=_interp(pp.interpolation)
+        )
+    ]
+    if aug.hflip:
+        ops.append(T.RandomHorizontalFlip())
+    if aug.vflip:
+        ops.append(T.RandomVerticalFlip())
+    if aug.rotation:
+        ops.append(T.RandomRotation(aug.rotation, interpolation=_interp("bilinear")))
+    if aug.color_jitter:
+        j = aug.color_jitter
+        ops.append(T.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(0.5, j / 4)))
+    ops += [T.ToTensor(), T.Normalize(pp.mean, pp.std)]
+    return T.Compose(ops)

@@ -1,0 +1,126 @@
+"""Prediction over large folders into a CSV: streamed, resumable, every file accounted for."""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from headstart.core.errors import ConfigError
+from headstart.data.layout import expand_inputs
+from headstart.inference.predictor import Prediction, Predictor
+
+
+@dataclass
+class BatchSummary:
+    """What one `predict --csv` call did."""
+
+    csv: Path
+    rows_written: int
+    already_done: int
+    errors: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput over the rows written by this call (decode + model + CSV)."""
+        return self.rows_written / self.seconds if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        """One line for the CLI."""
+        done = f", skipped {self.already_done} already in the CSV" if self.already_done else ""
+        errs = f", {self.errors} unreadable (error rows)" if self.errors else ""
+        return (
+            f"wrote {self.rows_written} rows to {self.csv} in {self.seconds:.1f}s "
+            f"({self.images_per_second:.1f} img/s){done}{errs}"
+        )
+
+
+def done_paths(path: str | os.PathLike, top_k: int) -> set[str]:
+    """Paths already in a prediction CSV; drops a half-written last line left by a killed run."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return set()
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1  # 0 when even the header is incomplete
+            f.truncate(cut)
+            data = data[:cut]
+    rows = list(csv.reader(data.decode("utf-8").splitlines()))
+    if not rows:
+        return set()
+    want = csv_header(top_k)
+    if rows[0] != want:
+        raise ConfigError(
+            f"Cannot --resume into {str(path)!r}: its columns are {','.join(rows[0])} but --top-k "
+            f"{top_k} writes {','.join(want)}. Resume with the same --top-k, or write a new --csv."
+        )
+    return {r[0] for r in rows[1:] if r}
+
+
+def predict_to_csv(
+    predictor: Predictor,
+    inputs: Iterable,
+    csv_path: str | os.PathLike,
+    *,
+    top_k: int = 1,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> BatchSummary:
+    """Predict every image under `inputs` into `csv_path`, row by row; `resume` skips rows present."""
+    csv_path = Path(csv_path)
+    paths, _ = expand_inputs(inputs)
+    done = done_paths(csv_path, top_k) if resume else set()
+    todo = [p for p in paths if p not in done]
+    append = resume and csv_path.exists() and csv_path.stat().st_size > 0
+    errors = 0
+
+    def counted(preds: Iterable[Prediction]):
+        nonlocal errors
+        for p in preds:
+            errors += p.error is not None
+            yield p
+
+    t0 = time.perf_counter()
+    preds = predictor.predict_paths(todo, top_k=top_k, batch_size=batch_size, num_workers=num_workers,
+                                    progress=progress)  # fmt: skip
+    if todo or not append:
+        n = write_csv(counted(preds), csv_path, top_k, append=append)
+    else:
+        n = 0
+    return BatchSummary(csv_path, n, len(paths) - len(todo), errors, time.perf_counter() - t0)
+
+
+def csv_header(top_k: int) -> list[str]:
+    """Columns of the prediction CSV: path,label,probability,label_2,probability_2,…,error."""
+    extra = [c for j in range(2, top_k + 1) for c in (f"label_{j}", f"probability_{j}")]
+    return ["path", "label", "probability", *extra, "error"]
+
+
+def write_csv(
+    predictions: Iterable[Prediction], path: str | os.PathLike, top_k: int, *, append: bool = False
+) -> int:
+    """Rows `path,label,probability` (top-1), then label_2,probability_2… and error; returns rows.
+
+    `append` adds rows to an existing file without writing the header again (for --resume).
+    """
+    n = 0
+    with open(path, "a" if append else "w", newline="") as f:
+        w = csv.writer(f)
+        if not append:
+            w.writerow(csv_header(top_k))
+        for p in predictions:
+            cells = []
+            for j in range(top_k):
+                has = j < len(p.labels)
+                cells += [p.labels[j] if has else "", f"{p.probabilities[j]:.6f}" if has else ""]
+            w.writerow([p.path, *cells, p.error or ""])
+            n += 1
+            f.flush()
+    return n

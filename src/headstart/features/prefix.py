@@ -1,0 +1,222 @@
+"""Fine-tune on cached activations of the frozen prefix (`train --strategy finetune --cache-prefix`).
+
+When the first blocks of the backbone stay frozen, their output for an image never changes. It is
+computed once per image (eval mode, un-augmented eval transform, the BN-folded channels-last fast
+path) and streamed into the feature cache as float16 rows, one flattened C*H*W map per image;
+the epochs then read the maps back through memory-mapped shards and run only the trainable
+suffix and the head. The only augmentations are flips of the cached map, an approximation of
+flipping the image (the prefix's convolutions and padding are not exactly mirror-symmetric);
+random crops, rotation and colour jitter cannot be applied to cached maps and are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from headstart.core import logs
+from headstart.core.distributed import DistInfo
+from headstart.core.errors import ConfigError
+from headstart.data.layout import DataSplit, Skipped
+from headstart.data.transforms import Preprocess, eval_transform
+from headstart.features.cache import FeatureCache
+from headstart.features.extract import cache_stats, extract_features
+from headstart.features.views import FeatureOptions, open_cache
+from headstart.models.freezing import FrozenBNStaysEval
+from headstart.models.transfer import TransferModel
+
+
+def module_chain(body: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The body's children in registration order, with nn.Sequential containers expanded."""
+    out: list[tuple[str, nn.Module]] = []
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, nn.Sequential) and len(child) > 0:  # runs its children in order
+                walk(f"{prefix}{name}.", child)
+            else:
+                out.append((f"{prefix}{name}", child))
+
+    walk("", body)
+    return out
+
+
+class Prefix(nn.Module):
+    """The frozen first modules: images -> flattened activation maps [B, C*H*W]."""
+
+    def __init__(self, modules: list[nn.Module], config, shape: tuple[int, ...]):
+        super().__init__()
+        self.layers = nn.Sequential(*modules)
+        self.config = config  # fastpath checks the folded copy on an input of config.input_size
+        self.shape = tuple(shape)
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of one flattened map."""
+        return math.prod(self.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Flattened maps in (C, H, W) order, whatever the memory format."""
+        return self.layers(x).flatten(1)
+
+
+class Suffix(FrozenBNStaysEval):
+    """The trainable rest of the backbone plus the head: activation maps -> logits.
+
+    Shares its modules with the TransferModel, so training it trains that model.
+    """
+
+    def __init__(self, modules: list[nn.Module], head: nn.Module):
+        super().__init__()
+        self.layers = nn.Sequential(*modules)
+        self.head = head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features [B, D] (flattened, as Backbone.forward returns them)."""
+        return self.layers(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits."""
+        return self.head(self.features(x))
+
+
+@dataclass
+class PrefixSplit:
+    """A backbone cut at its first trainable module."""
+
+    prefix: Prefix
+    suffix: Suffix
+    at: str  # name of the first suffix module, e.g. body.blocks.5.0
+    shape: tuple[int, ...]  # one image's cached map (C, H, W)
+
+
+def split_model(model: TransferModel, *, input_size: int) -> PrefixSplit:
+    """Cut the backbone before its first trainable module; ConfigError where that is not possible.
+
+    The cut is checked: prefix then suffix must give the backbone's own features on a random batch.
+    """
+    backbone = model.backbone
+    name = backbone.config.name
+
+    def cannot(reason: str) -> ConfigError:
+        return ConfigError(
+            f"--cache-prefix cannot split backbone {name!r}: {reason}. Train without "
+            "--cache-prefix (ordinary finetune works for every backbone)."
+        )
+
+    body = backbone.body
+    if any(True for _ in body.parameters(recurse=False)) or any(True for _ in body.buffers(recurse=False)):
+        raise cannot(
+            "its body holds tensors of its own (e.g. a class token), so it is not a chain of modules"
+        )
+    chain = module_chain(body)
+    first = next((i for i, (_, m) in enumerate(chain) if any(p.requires_grad for p in m.parameters())), None)
+    if first is None:
+        raise cannot("no backbone module trains, so there is no suffix to fine-tune")
+    if first == 0:
+        raise cannot(f"its first module {chain[0][0]!r} trains, so nothing frozen is left to cache")
+    pre, post = [m for _, m in chain[:first]], [m for _, m in chain[first:]]
+    device = next(backbone.parameters()).device
+    gen = torch.Generator().manual_seed(0)  # leaves the global RNG (shuffles, dropout) untouched
+    x = torch.randn(2, 3, input_size, input_size, generator=gen).to(device)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.inference_mode():
+            maps = nn.Sequential(*pre)(x)
+            split_out = Suffix(post, nn.Identity()).features(maps)
+            full = backbone(x)
+    except Exception as e:  # noqa: BLE001 - a forward that is not a plain chain fails in many ways
+        raise cannot(f"running its modules in order fails ({type(e).__name__}: {e})") from e
+    finally:
+        backbone.train(was_training)
+    if split_out.shape != full.shape or not torch.allclose(split_out, full, rtol=1e-4, atol=1e-5):
+        raise cannot("running its modules in order does not reproduce its forward (not a sequential chain)")
+    shape = tuple(maps.shape[1:])
+    return PrefixSplit(
+        Prefix(pre, backbone.config, shape), Suffix(post, model.head), f"body.{chain[first][0]}", shape
+    )
+
+
+class CachedMaps(Dataset):
+    """Cached prefix maps read row by row from the memory-mapped shards, flipped at random if asked."""
+
+    def __init__(self, cache: FeatureCache, rows, shape, y, index, *, hflip=False, vflip=False, keep=None):
+        self.cache, self.rows, self.shape = cache, rows, tuple(shape)
+        self.y, self.index = y, index
+        self.hflip, self.vflip = hflip, vflip
+        self._keep = keep  # a temporary cache folder lives as long as the dataset
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        x = torch.from_numpy(self.cache.read([self.rows[i]], math.prod(self.shape))[0])
+        x = x.view(self.shape).float()
+        # flips of the map stand in for flips of the image (approximate; see the module docstring)
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        if self.vflip and torch.rand(()) < 0.5:
+            x = x.flip(-2)
+        return x, int(self.y[i]), int(self.index[i]), None
+
+
+@dataclass
+class PrefixInputs:
+    """What the training loop needs from the cached prefix."""
+
+    net: Suffix
+    train: CachedMaps
+    val: CachedMaps
+    failed: list[Skipped]
+    seconds: float
+    stats: dict
+    key: str  # cache model key: identity of the maps, for --resume
+
+
+def prefix_datasets(model: TransferModel, split: DataSplit, pp: Preprocess, opts: FeatureOptions, device,
+                    dist: DistInfo = DistInfo()) -> PrefixInputs:  # fmt: skip
+    """Split the model, cache the prefix maps of train and val once, and serve them as datasets."""
+    if dist.enabled:
+        raise ConfigError("--cache-prefix runs in a single process; run it without torchrun.")
+    sp = split_model(model, input_size=pp.input_size)
+    tmp = None
+    if not opts.cache:  # --no-cache: a private cache that disappears with the datasets
+        tmp = tempfile.TemporaryDirectory(prefix="headstart-prefix-")
+        opts = dataclasses.replace(opts, cache=True, cache_dir=tmp.name)
+    cache = open_cache(model.backbone, pp, opts, prefix_split=sp.at, map_shape=list(sp.shape))
+    kw = dict(
+        device=device,
+        batch_size=64,
+        num_workers=opts.num_workers,
+        draft=pp.resize_size,
+        cache=cache,
+        load=False,
+    )
+    tf = eval_transform(pp)
+    ftr = extract_features(sp.prefix, split.train, tf, desc="prefix train", **kw)
+    fva = extract_features(sp.prefix, split.val, tf, desc="prefix val", **kw)
+    secs = ftr.seconds + fva.seconds
+    stats = cache_stats(ftr, fva)
+    hits, misses = stats["features_from_cache"], stats["features_extracted"]
+    aug = opts.augment
+    logs.info(
+        f"cache-prefix: frozen prefix up to {sp.at} cached as {'x'.join(map(str, sp.shape))} float16 maps "
+        f"({hits + misses} images, {misses} computed, {hits} from cache, "
+        f"hit rate {stats['cache_hit_rate']:.0%}, "
+        f"{secs:.1f}s); epochs train the suffix and head with "
+        + ("map flips only" if aug.hflip or aug.vflip else "no augmentation")
+        + " (random crops, rotation and colour jitter are not applied to cached maps)"
+    )
+    train_ds = CachedMaps(
+        cache, ftr.rows, sp.shape, ftr.y, ftr.index, hflip=aug.hflip, vflip=aug.vflip, keep=tmp
+    )
+    val_ds = CachedMaps(cache, fva.rows, sp.shape, fva.y, fva.index, keep=tmp)
+    stats = {"cache_prefix": True, "prefix_split": sp.at, "prefix_map_shape": list(sp.shape), **stats}
+    return PrefixInputs(sp.suffix, train_ds, val_ds, ftr.failed + fva.failed, secs, stats, cache.dir.name)

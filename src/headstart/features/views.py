@@ -1,0 +1,205 @@
+"""The feature pipeline of frozen-backbone training: features of the train and val images (plus
+K-1 augmented views of each training image), from the cache or computed once, served as datasets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from headstart.core import logs
+from headstart.core.distributed import DistInfo, all_gather_objects, shard
+from headstart.data.layout import DataSplit, Skipped
+from headstart.data.transforms import Augment, Preprocess, eval_transform, train_transform
+from headstart.features.cache import FeatureCache, default_cache_dir, model_key, weights_checksum
+from headstart.features.extract import Features, cache_stats, extract_features
+
+
+@dataclass(frozen=True)
+class FeatureOptions:
+    """How features are computed and kept: the cache, loader workers, augmented views."""
+
+    cache: bool = True
+    cache_dir: str | None = None
+    num_workers: int | None = None
+    views: int = 1  # feature views per training image: the eval view + views-1 augmented ones
+    augment: Augment = field(default_factory=Augment)
+    seed: int = 0
+    compile: bool = False
+
+
+class FeatureDataset(Dataset):
+    """Cached features served in the same (x, label, index, error) form as images.
+
+    With augmented `views` (each aligned row for row with `x`), every epoch serves one of the
+    1 + len(views) views of each image, picked by (seed, epoch, index) so resumed runs match.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, views=(), seed: int = 0):
+        self.x, self.y, self.index, self.views, self.seed = x, y, index, list(views), seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        x = self.x
+        if self.views:
+            v = zlib.crc32(f"{self.seed}:{self.epoch}:{int(self.index[i])}".encode()) % (1 + len(self.views))
+            x = x if v == 0 else self.views[v - 1]
+        return x[i].float(), int(self.y[i]), int(self.index[i]), None
+
+    def all_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every view as a sample: (x, y, image index) for the linear probe."""
+        k = 1 + len(self.views)
+        return torch.cat([self.x, *self.views]), self.y.repeat(k), self.index.repeat(k)
+
+
+@dataclass
+class FeatureInputs:
+    """Train and val feature datasets, the files that failed to load, seconds and cache figures."""
+
+    train: FeatureDataset
+    val: FeatureDataset
+    failed: list[Skipped]
+    seconds: float
+    stats: dict
+
+
+def open_cache(
+    backbone, pp: Preprocess, opts: FeatureOptions, *, views: str = "eval", **extra
+) -> FeatureCache | None:
+    """The feature cache for this backbone's exact weights and preprocessing (None if disabled).
+
+    `extra` joins the key, e.g. the split point and map shape of cached prefix activations.
+    """
+    if not opts.cache:
+        return None
+    spec = {
+        "backbone": backbone.config.name,
+        "arch": backbone.config.arch,
+        "weights": weights_checksum(backbone),
+        "preprocess": pp.to_dict(),
+        "views": views,
+        **extra,
+    }
+    if backbone.config.feature_blocks > 1:  # absent otherwise, so existing caches keep their keys
+        spec["feature_blocks"] = backbone.config.feature_blocks
+    root = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
+    return FeatureCache(root, model_key(spec), spec)
+
+
+def feature_datasets(
+    backbone, split: DataSplit, pp: Preprocess, opts: FeatureOptions, device, dist: DistInfo = DistInfo()
+) -> FeatureInputs:
+    """Features of train and val (un-augmented, plus opts.views - 1 augmented views of train), from
+    the cache or computed once. Ranks of a torchrun job each extract a strided share, then gather."""
+    cache = open_cache(backbone, pp, opts)
+    kw = dict(
+        device=device,
+        batch_size=64,
+        num_workers=opts.num_workers,
+        draft=pp.resize_size,
+        cache=cache,
+        compile=opts.compile,
+    )
+    tf = eval_transform(pp)
+
+    def features(items: list, desc: str) -> Features:  # each rank a strided share, then gathered
+        f = extract_features(backbone, items, tf, desc=desc, subset=shard(range(len(items)), dist), **kw)
+        return gather_features(f, dist)
+
+    try:
+        ftr, fva = features(split.train, "features train"), features(split.val, "features val")
+    finally:
+        if cache is not None:
+            cache.close()
+    views = augmented_views(backbone, split, pp, opts, ftr.index, dist, kw)
+    parts = [ftr, fva, *views]
+    secs, n = sum(p.seconds for p in parts), sum(len(p.y) for p in parts)
+    stats = cache_stats(*parts)
+    hits, misses = stats["features_from_cache"], stats["features_extracted"]
+    where = f"cache {cache.dir}" if cache is not None else "no cache"
+    logs.info(
+        f"features: {n} images in {secs:.1f}s, {misses} extracted ({misses / max(secs, 1e-9):.1f} img/s), "
+        f"{hits} from {where} (hit rate {stats['cache_hit_rate']:.0%})"
+    )
+    # The feature datasets keep item indices, so failures and NaN reports still name files.
+    return FeatureInputs(
+        FeatureDataset(ftr.x, ftr.y, ftr.index, [align_rows(v, ftr) for v in views], seed=opts.seed),
+        FeatureDataset(fva.x, fva.y, fva.index),
+        ftr.failed + fva.failed,
+        secs,
+        stats,
+    )
+
+
+def augmented_views(
+    backbone,
+    split: DataSplit,
+    pp: Preprocess,
+    opts: FeatureOptions,
+    ok: torch.Tensor,
+    dist: DistInfo,
+    kw: dict,
+) -> list[Features]:
+    """Views 1..K-1 of the training images that loaded: the training augmentation, seeded by
+    (seed, view, path), in their own cache (keyed by the augmentation and seed)."""
+    if opts.views <= 1:
+        return []
+    spec = f"train-augment:{json.dumps(dataclasses.asdict(opts.augment), sort_keys=True)}:seed={opts.seed}"
+    cache = open_cache(backbone, pp, opts, views=spec)
+    tf = train_transform(pp, opts.augment)
+    out = []
+    try:
+        for v in range(1, opts.views):
+            f = extract_features(
+                backbone,
+                split.train,
+                tf,
+                desc=f"features train view {v}",
+                view=v,
+                augment_seed=opts.seed,
+                subset=shard(ok.tolist(), dist),
+                **{**kw, "cache": cache},
+            )
+            out.append(gather_features(f, dist))
+    finally:
+        if cache is not None:
+            cache.close()
+    return out
+
+
+def align_rows(view: Features, base: Features) -> torch.Tensor:
+    """`view`'s features in `base`'s row order; an image missing from the view keeps its base row."""
+    if torch.equal(view.index, base.index):
+        return view.x
+    row = {int(i): r for r, i in enumerate(view.index.tolist())}
+    x = base.x.clone()
+    for r, i in enumerate(base.index.tolist()):
+        if i in row:
+            x[r] = view.x[row[i]]
+    return x
+
+
+def gather_features(f: Features, dist: DistInfo) -> Features:
+    """Join every rank's share of the features, back in item order."""
+    if not dist.enabled:
+        return f
+    parts = all_gather_objects(f, dist)
+    index = torch.cat([p.index for p in parts])
+    order = torch.argsort(index)
+    return Features(
+        x=torch.cat([p.x for p in parts])[order],
+        y=torch.cat([p.y for p in parts])[order],
+        index=index[order],
+        failed=[s for p in parts for s in p.failed],
+        seconds=max(p.seconds for p in parts),
+        hits=sum(p.hits for p in parts),
+        misses=sum(p.misses for p in parts),
+    )

@@ -1,0 +1,126 @@
+"""Prediction with ONNX Runtime from an exported model alone (no run folder, no PyTorch weights),
+and the contract an exported model keeps: input/output names and the headstart metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from headstart.core.device import available_cores
+from headstart.core.errors import ConfigError, DataError
+from headstart.data.transforms import Preprocess, eval_transform
+from headstart.inference.predictor import Predictor, load
+
+INPUT_NAME, OUTPUT_NAMES = "image", ("probabilities", "logits")
+ENGINES = ("torch", "onnx")
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict:
+    """The headstart metadata stored in an exported ONNX model."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for p in proto.metadata_props:
+        try:
+            out[p.key] = json.loads(p.value)
+        except json.JSONDecodeError:
+            out[p.key] = p.value
+    return out
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ConfigError(
+            "--engine onnx needs ONNX Runtime: pip install 'headstart[onnx]' (onnx, onnxruntime)."
+        ) from e
+    return onnxruntime
+
+
+def onnx_session(path: str | os.PathLike, *, threads: int | None = None):
+    """A CPU ONNX Runtime session; `threads` defaults to the cores this process may use."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or available_cores()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def resolve_onnx_path(run_or_file: str | os.PathLike) -> Path:
+    """RUN/model.onnx for a run folder, or the .onnx file itself."""
+    p = Path(run_or_file)
+    path = p / "model.onnx" if p.is_dir() else p
+    if not path.is_file():
+        raise DataError(
+            f"No ONNX model at {str(path)!r}. Export one first: headstart export {p} --format onnx "
+            "(or pass the path of a .onnx file)."
+        )
+    return path
+
+
+class OnnxPredictor(Predictor):
+    """Same interface as `Predictor` (.predict, .iter_predict, .predict_proba), run by ONNX Runtime.
+
+    Images are resized and centre-cropped in PIL exactly as for PyTorch, then fed as [0, 1] floats;
+    the normalisation, head and temperature are inside the exported graph.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
+        self.path = resolve_onnx_path(path)
+        meta = read_onnx_metadata(self.path)
+        if "classes" not in meta or "preprocessing" not in meta:
+            raise DataError(
+                f"{str(self.path)!r} has no headstart metadata (classes, preprocessing): it was not "
+                "made by `headstart export`. Re-export it from the run folder."
+            )
+        self.record = meta
+        self.preprocess = Preprocess.from_dict(meta["preprocessing"])
+        self.classes = list(meta["classes"])
+        self.temperature = float(meta.get("temperature", 1.0))
+        self.head_kind = meta["head"]["kind"]
+        self.device = torch.device("cpu")
+        self.transform = eval_transform(self.preprocess, normalize=False)
+        self.session = onnx_session(self.path, threads=threads)
+        self.model = None
+
+    def _run(self, x: torch.Tensor, output: str) -> torch.Tensor:
+        x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run([output], {INPUT_NAME: x})[0])
+
+    def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities [B, C] for a batch of [0, 1] images (resized and cropped), temperature inside."""
+        return self._run(x, OUTPUT_NAMES[0])
+
+    def logits_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw head outputs (before temperature) for a batch of [0, 1] images."""
+        return self._run(x, OUTPUT_NAMES[1])
+
+    def __repr__(self) -> str:
+        return f"OnnxPredictor({str(self.path)!r}, classes={self.classes})"
+
+
+def load_onnx(path: str | os.PathLike, *, threads: int | None = None) -> OnnxPredictor:
+    """An ONNX Runtime predictor from RUN/model.onnx or a .onnx file."""
+    return OnnxPredictor(path, threads=threads)
+
+
+def open_predictor(
+    run: str | os.PathLike, *, engine: str = "torch", device: str = "auto", threads: int | None = None
+) -> Predictor:
+    """A predictor on an engine: 'torch' (the run folder) or 'onnx' (RUN/model.onnx, or a .onnx file)."""
+    if engine not in ENGINES:
+        raise ConfigError(f"Unknown engine {engine!r}; use one of {', '.join(ENGINES)}.")
+    if threads:
+        torch.set_num_threads(threads)
+    if engine == "onnx":
+        return load_onnx(run, threads=threads)
+    predictor = load(run, device=device)
+    if threads:
+        torch.set_num_threads(threads)  # load() takes every core; an actor or server worker gets its share
+    return predictor

@@ -1,0 +1,389 @@
+"""The training loop: read `fit` top to bottom.
+
+per epoch: train (forward, loss, backward, step; a checkpoint every --checkpoint-every steps and on
+SIGTERM / Ctrl-C) -> validate -> a metrics.csv row -> keep the best weights -> checkpoint -> stop
+early if asked. `--resume` restores a checkpoint and continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler, Subset
+
+from headstart.core import logs
+from headstart.core.device import autocast_for, to_device
+from headstart.core.distributed import all_sum, shard
+from headstart.core.errors import RunInterrupted, TrainingDiverged
+from headstart.core.files import CHECKPOINT, METRICS
+from headstart.data.images import explain_failure, load_image
+from headstart.data.layout import Skipped
+from headstart.data.loading import make_loader
+from headstart.models.freezing import frozen_tensor_names
+from headstart.training.checkpoint import (
+    ResumableSampler,
+    StopRequest,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from headstart.training.optim import build_optimizer, build_scheduler
+from headstart.training.rundir import MetricsLog
+from headstart.training.setup import Run, check_bad_fraction
+from headstart.training.strategies.base import Fitted, Inputs
+
+
+def fit(run: Run, inputs: Inputs) -> Fitted:
+    """Train `inputs.net` for cfg.epochs on inputs.train, validating on inputs.val after each epoch."""
+    cfg, dist = run.cfg, run.dist
+    train_loader, sampler, val_loader = loaders(run, inputs)
+    net = inputs.net
+    if dist.enabled:
+        net = DistributedDataParallel(
+            net, device_ids=[run.device.index] if run.device.type == "cuda" else None
+        )
+    optimizer = build_optimizer(run.model, cfg, one_lr=run.strategy.one_lr)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(train_loader))
+    state = LoopState(run, net, optimizer, scheduler, inputs.identity)
+    if run.resume and (run.out / CHECKPOINT).is_file():
+        state.restore()
+    started = time.perf_counter()
+    # signals stop cleanly after a step; under torchrun the launcher handles them
+    with (
+        MetricsLog(run.out / METRICS, state.metrics, enabled=dist.is_main) as metrics,
+        StopRequest() if not dist.enabled else contextlib.nullcontext() as stop,
+    ):
+        for epoch in range(state.epoch, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            totals = state.totals if epoch == state.epoch and state.totals else new_totals()
+            start_epoch(sampler, inputs, epoch, totals["batches"] * cfg.batch_size)
+            tr = train_epoch(net, train_loader, state, epoch, totals, stop)
+            va = validate(net, val_loader, run, state.bad_files)
+            check_bad_fraction(skipped(state.bad_files), run.split, cfg.max_bad_fraction)
+            metrics.add(
+                {
+                    "epoch": epoch,
+                    "train_loss": round(tr["loss"], 6),
+                    "train_acc": round(tr["acc"], 6),
+                    "val_loss": round(va["loss"], 6),
+                    "val_acc": round(va["acc"], 6),
+                    "lr": totals["lr"],
+                    "seconds": round(time.perf_counter() - t0, 3),
+                }
+            )
+            improved = state.keep_best(epoch, va)
+            logs.info(
+                f"epoch {epoch:>3}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
+                f"val loss {va['loss']:.4f} acc {va['acc']:.4f}  {time.perf_counter() - t0:.1f}s"
+                + ("  *" if improved else "")
+            )
+            stop_early = bool(cfg.patience and epoch - state.best["epoch"] >= cfg.patience)
+            state.save(cfg.epochs + 1 if stop_early else epoch + 1, None)
+            if stop_early:
+                logs.info(f"early stop: no val improvement for {cfg.patience} epochs")
+                break
+            if stop:
+                raise interrupted(stop.signal, run, epoch + 1, 0, len(train_loader))
+    if inputs.decodes_images and train_loader.drop_last and isinstance(sampler, ResumableSampler):
+        state.bad_files.update(
+            never_loaded_failures(sampler, cfg.batch_size, len(metrics.rows), run.split.train)
+        )
+    best = state.best
+    return Fitted(
+        metrics.rows,
+        best["epoch"],
+        best["val_acc"],
+        best["val_loss"],
+        best["state"],
+        time.perf_counter() - started,
+        state.bad_files,
+        state.resumes,
+    )
+
+
+def train_epoch(net: nn.Module, loader, state: LoopState, epoch: int, totals: dict, stop) -> dict:
+    """One pass over the training loader, continuing `totals` (a resumed epoch starts mid-way).
+
+    Checkpoints every --checkpoint-every steps, and on a stop request before raising RunInterrupted.
+    """
+    run, cfg = state.run, state.run.cfg
+    per_epoch = len(loader)
+    every = cfg.checkpoint_every if not run.dist.enabled else None  # torchrun: epoch checkpoints only
+    totals["lr"] = state.optimizer.param_groups[0]["lr"] if not totals["batches"] else totals["lr"]
+    n_files = len(run.split.train) + len(run.split.val)
+    net.train()
+    for batch in logs.progress(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch"):
+        totals["batches"] += 1
+        state.bad_files.update({run.split.train[i][0]: why for i, why in batch.failed})
+        if batch.x is not None:
+            loss, logits = train_step(net, batch, run, state.optimizer, state.scheduler)
+            add_batch(totals, loss, logits, batch.y, run.head_spec.kind)
+        if len(state.bad_files) > cfg.max_bad_fraction * n_files:
+            check_bad_fraction(skipped(state.bad_files), run.split, cfg.max_bad_fraction, so_far=True)
+        if stop or (every and ((epoch - 1) * per_epoch + totals["batches"]) % every == 0):
+            state.save(epoch, totals)
+        if stop:
+            raise interrupted(stop.signal, run, epoch, totals["batches"], per_epoch)
+    return epoch_result(totals, run)
+
+
+class LoopState:
+    """Where the loop is and what it keeps: position, best weights, metrics, failed files; saved in
+    checkpoint.pt after every epoch (and every --checkpoint-every steps) and restored by --resume."""
+
+    def __init__(self, run: Run, net: nn.Module, optimizer, scheduler, identity: str | None):
+        self.run, self.net, self.optimizer, self.scheduler, self.identity = (
+            run,
+            net,
+            optimizer,
+            scheduler,
+            identity,
+        )
+        self.epoch, self.totals, self.resumes = 1, None, 0
+        self.metrics: list[dict] = []
+        self.bad_files: dict[str, str] = {}
+        self.best = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None}
+
+    def keep_best(self, epoch: int, va: dict) -> bool:
+        """Keep the trained tensors if this epoch beats the best (val accuracy, then loss)."""
+        if (va["acc"], -va["loss"]) <= (self.best["val_acc"], -self.best["val_loss"]):
+            return False
+        self.best.update(
+            val_acc=va["acc"], val_loss=va["loss"], epoch=epoch, state=trainable_state(self.run.model)
+        )
+        return True
+
+    def save(self, epoch: int, totals: dict | None) -> None:
+        """Write checkpoint.pt (rank 0): continue at `epoch`, with `totals` of a part-done epoch."""
+        if not self.run.dist.is_main:
+            return
+        save_checkpoint(
+            self.run.out / CHECKPOINT,
+            {
+                "model": self.net.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "rng": rng_state(),
+                "epoch": epoch,
+                "totals": totals,
+                "best": self.best,
+                "metrics": self.metrics,
+                "bad_files": self.bad_files,
+                "feature_id": self.identity,
+                "resumes": self.resumes,
+            },
+        )
+
+    def restore(self) -> None:
+        """Weights, optimizer, scheduler, RNG states and position back from checkpoint.pt."""
+        path = self.run.out / CHECKPOINT
+        ck = load_checkpoint(path)
+        self.net.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if self.scheduler is not None and ck["scheduler"] is not None:
+            self.scheduler.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"])
+        if ck.get("feature_id") != self.identity:
+            logs.warning(
+                "warning: the features computed now differ from those of the interrupted run "
+                "(other machine, thread count or library version?); the resumed run continues but "
+                "will not be bit-identical to an uninterrupted one."
+            )
+        self.epoch, self.totals, self.resumes, self.best = (
+            ck["epoch"],
+            ck["totals"],
+            ck["resumes"] + 1,
+            ck["best"],
+        )
+        self.metrics[:] = ck["metrics"]
+        self.bad_files.update(ck["bad_files"])
+        logs.info(
+            f"resumed from {path} at epoch {ck['epoch']}, batch {(ck['totals'] or {}).get('batches', 0)}"
+        )
+
+
+# ----------------------------------------------------------------------------- pieces of the loop
+
+
+def loaders(run: Run, inputs: Inputs):
+    """Train loader (shuffled by (seed, epoch); under torchrun a DistributedSampler share), its
+    sampler, and the val loader (under torchrun a strided share; sums are all-reduced)."""
+    cfg, dist = run.cfg, run.dist
+    pin = run.device.type == "cuda"
+    sampler = (
+        DistributedSampler(inputs.train, seed=cfg.seed)
+        if dist.enabled
+        else ResumableSampler(len(inputs.train), seed=cfg.seed)
+    )
+    per_rank = len(inputs.train) // dist.world
+    train = make_loader(
+        inputs.train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        sampler=sampler,
+        num_workers=inputs.workers,
+        seed=cfg.seed,
+        pin_memory=pin,
+        drop_last=per_rank > cfg.batch_size,
+    )
+    val = make_loader(
+        Subset(inputs.val, shard(list(range(len(inputs.val))), dist)),
+        batch_size=max(cfg.batch_size, 64),
+        shuffle=False,
+        num_workers=inputs.workers,
+        pin_memory=pin,
+    )
+    return train, sampler, val
+
+
+def start_epoch(sampler, inputs: Inputs, epoch: int, start: int) -> None:
+    """Point the sampler (and per-epoch views or augmentation) at `epoch`, from position `start`."""
+    if isinstance(sampler, ResumableSampler):
+        sampler.set_epoch(epoch, start=start)
+    else:
+        sampler.set_epoch(epoch)
+    inputs.train.epoch = epoch
+
+
+def train_step(net: nn.Module, batch, run: Run, optimizer, scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward, optimizer and scheduler step; stops on a non-finite loss."""
+    x, y = to_device(batch.x, run.device), to_device(batch.y, run.device)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast_for(run.device, training=True):
+        logits = net(x)
+        loss = run.loss_fn(logits, y)
+    if not torch.isfinite(loss):
+        files = [run.split.train[i][0] for i in batch.index.tolist()]
+        raise TrainingDiverged(
+            f"The loss became {loss.item()} at this batch; training stopped before it could reach the "
+            f"saved model. Files in the batch: {', '.join(files[:8])}{' …' if len(files) > 8 else ''}. "
+            "Lower --lr, or check these images."
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    try:
+        optimizer.step()
+    except RuntimeError as e:  # e.g. Adam's step size overflows float32 at --lr 1e38
+        if "overflow" not in str(e):
+            raise
+        raise TrainingDiverged(
+            f"The optimizer step overflowed ({e}); the learning rate {optimizer.param_groups[0]['lr']:g} "
+            "is far too large. Lower --lr."
+        ) from e
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach(), logits.detach()
+
+
+@torch.inference_mode()
+def validate(net: nn.Module, loader, run: Run, bad: dict[str, str]) -> dict:
+    """Mean loss and accuracy over the val loader (all ranks summed); failed files go into `bad`."""
+    net.eval()
+    totals = new_totals()
+    for batch in logs.progress(loader, desc="val", unit="batch"):
+        bad.update({run.split.val[i][0]: why for i, why in batch.failed})
+        if batch.x is None:
+            continue
+        x, y = to_device(batch.x, run.device), to_device(batch.y, run.device)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_for(run.device):
+            logits = net(x)
+            loss = run.loss_fn(logits, y)
+        add_batch(totals, loss, logits, y, run.head_spec.kind)
+    return epoch_result(totals, run)
+
+
+def new_totals() -> dict:
+    """Running sums of one epoch (saved in checkpoints so a resumed epoch averages the same)."""
+    return {"batches": 0, "loss_sum": 0.0, "correct": 0, "seen": 0}
+
+
+def add_batch(t: dict, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, head_kind: str) -> None:
+    """Add one batch's loss and correct predictions to the running sums."""
+    n = y.numel()
+    t["loss_sum"] += loss.item() * n
+    t["correct"] += (predict_labels(logits, head_kind) == y.to(logits.device)).sum().item()
+    t["seen"] += n
+
+
+def epoch_result(t: dict, run: Run) -> dict:
+    """Mean loss and accuracy of the running sums, summed across torchrun processes."""
+    loss_sum, correct, seen = all_sum([t["loss_sum"], t["correct"], t["seen"]], run.dist, run.device)
+    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "n": int(seen)}
+
+
+def predict_labels(logits: torch.Tensor, head_kind: str) -> torch.Tensor:
+    """Predicted class indices from head outputs."""
+    if head_kind == "binary":
+        return (logits.reshape(-1) > 0).long()
+    return logits.argmax(dim=1)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the tensors that can change: trainable params and non-frozen BN buffers."""
+    _, names = frozen_tensor_names(model)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    return {n: tensors[n].detach().clone() for n in names}
+
+
+def skipped(bad: dict[str, str]) -> list[Skipped]:
+    """Failed files as Skipped entries."""
+    return [Skipped(p, r) for p, r in bad.items()]
+
+
+# ----------------------------------------------------------------------------- resume and stop
+
+
+def interrupted(signame: str, run: Run, epoch: int, batches: int, per_epoch: int) -> RunInterrupted:
+    """The clean-stop error: where the run stopped and the command that continues it."""
+    return RunInterrupted(
+        f"{signame} received: stopped at epoch {epoch}, batch {batches}/{per_epoch}, after saving "
+        f"{str(run.out / CHECKPOINT)!r}. Continue with: headstart train --resume {run.out}"
+    )
+
+
+def never_loaded_failures(sampler: ResumableSampler, batch_size: int, epochs: int, items: list) -> dict:
+    """Files that drop_last left out of every epoch are read once here, so none is silently unchecked."""
+    n = len(items)
+    tail = n - n % batch_size
+    unseen = set(range(n))
+    for order in sampler.orders(epochs):
+        unseen &= set(order[tail:])
+    failures = {}
+    for i in sorted(unseen):
+        try:
+            load_image(items[i][0], draft=64)
+        except Exception as e:  # noqa: BLE001 - reported like any other unreadable file
+            failures[items[i][0]] = explain_failure(items[i][0], e)
+    return failures
+
+
+@torch.inference_mode()
+def logits_of(net: nn.Module, inputs: Inputs, run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """Raw logits and labels of the whole val set (one process, in order), e.g. for calibration."""
+    net.eval()
+    loader = make_loader(
+        inputs.val, batch_size=max(run.cfg.batch_size, 64), shuffle=False, num_workers=inputs.workers
+    )
+    zs, ys = [], []
+    for batch in loader:
+        if batch.x is None:
+            continue
+        x = to_device(batch.x, run.device)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_for(run.device):
+            zs.append(net(x).float().cpu().reshape(len(batch.y), -1))
+        ys.append(batch.y)
+    width = 1 if run.head_spec.kind == "binary" else len(run.split.classes)
+    logits = torch.cat(zs).double().numpy() if zs else np.zeros((0, width))
+    return logits, (torch.cat(ys).numpy() if ys else np.zeros(0, dtype=np.int64))

@@ -1,0 +1,56 @@
+"""What strategies feed the loop: cached features, cached prefix maps, or images."""
+
+from __future__ import annotations
+
+from headstart.core import digest
+from headstart.data.loading import ImageDataset
+from headstart.data.transforms import eval_transform, train_transform
+from headstart.features.prefix import prefix_datasets
+from headstart.features.views import feature_datasets
+from headstart.training.setup import Run, check_bad_fraction
+from headstart.training.strategies.base import Inputs
+
+
+def feature_inputs(run: Run) -> Inputs:
+    """The frozen backbone runs once per image (cached on disk); the head trains on the features."""
+    f = feature_datasets(
+        run.backbone, run.split, run.preprocess, run.cfg.feature_options(), run.device, run.dist
+    )
+    check_bad_fraction(f.failed, run.split, run.cfg.max_bad_fraction)
+    identity = digest.tensors_checksum([("train", f.train.x), ("val", f.val.x)])
+    return Inputs(
+        run.model.head,
+        f.train,
+        f.val,
+        workers=0,
+        decodes_images=False,
+        failed=f.failed,
+        seconds=f.seconds,
+        stats=f.stats,
+        identity=identity,
+    )
+
+
+def prefix_inputs(run: Run) -> Inputs:
+    """The frozen prefix runs once per image (cached maps); the suffix and head train on the maps."""
+    p = prefix_datasets(run.model, run.split, run.preprocess, run.cfg.feature_options(), run.device, run.dist)
+    check_bad_fraction(p.failed, run.split, run.cfg.max_bad_fraction)
+    return Inputs(
+        p.net,
+        p.train,
+        p.val,
+        workers=0,
+        decodes_images=False,
+        failed=p.failed,
+        seconds=p.seconds,
+        stats=p.stats,
+        identity=p.key,
+    )
+
+
+def image_inputs(run: Run) -> Inputs:
+    """Images decoded every epoch, with the training augmentation; the whole model is the net."""
+    pp, draft, cfg = run.preprocess, run.preprocess.resize_size, run.cfg
+    train = ImageDataset(run.split.train, train_transform(pp, cfg.augment), draft=draft, seed=cfg.seed)
+    val = ImageDataset(run.split.val, eval_transform(pp), draft=draft)
+    return Inputs(run.model, train, val, workers=cfg.num_workers, decodes_images=True)
