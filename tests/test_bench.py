@@ -17,6 +17,22 @@ def test_bench_api_and_cli():
     assert "inference" in out.stdout and "images/s" in out.stdout
     p = run_cli("bench", "timm:no_such_net")
     assert p.returncode == 2 and "Unknown timm model" in p.stderr
+    # --weights like every other backbone command: a file that is not there is named
+    p = run_cli("bench", TINY, "--weights", "missing.safetensors", "--seconds", "0.05")
+    assert p.returncode == 2 and "missing.safetensors" in p.stderr
+
+
+def test_compile_is_a_parameter_not_a_process_wide_switch():
+    """--compile used to set a global that leaked into later runs in the same process."""
+    import torch
+
+    from headstart.models.backbones import create_backbone
+    from headstart.models.fastpath import inference_model
+
+    bb = create_backbone(TINY, weights="none")
+    compiled = inference_model(bb, torch.device("cpu"), compile=True)  # torch.compile is lazy: no compile yet
+    plain = inference_model(bb, torch.device("cpu"))
+    assert type(compiled).__name__ == "OptimizedModule" and type(plain).__name__ != "OptimizedModule"
 
 
 def test_inference_model_folds_bn_and_keeps_features():

@@ -110,3 +110,25 @@ def test_report_on_ants_and_bees(tmp_path, ants_bees):
     assert cal["ece_after"] <= cal["ece_before"]
     assert json.loads((run / "evaluation.json").read_text())["accuracy"] > 0.85
     assert "245 (ants 124, bees 121)" in page and "153 (ants 70, bees 83)" in page
+
+
+def test_report_escapes_everything_from_the_run_folder_and_runs_the_model_once(
+    tmp_path, tiny_split, monkeypatch
+):
+    """Hostile values in results.json never reach the page as markup; one pass of logits feeds it all."""
+    from headstart.inference.predictor import Predictor
+
+    run = train(tiny_split, output=str(tmp_path / "run"), backbone=TINY, weights="none", epochs=2, lr=0.05,
+                batch_size=8, num_workers=0).run_dir  # fmt: skip
+    results = json.loads((run / "results.json").read_text())
+    evil = "<script>alert(1)</script>"
+    results.update(best_epoch=evil, epochs_run=evil, head=evil, device=evil,
+                   skipped_files=[{"path": evil, "reason": evil}])  # fmt: skip
+    (run / "results.json").write_text(json.dumps(results))
+    seen = []
+    real = Predictor.logits_tensor
+    monkeypatch.setattr(Predictor, "logits_tensor", lambda self, x: seen.append(len(x)) or real(self, x))
+    page = build_report(run, top_losses=2, device="cpu", num_workers=0).read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert sum(seen) == len(json.loads((run / "split.json").read_text())["val"])  # each image once
+    _check_against_evaluation(run, page)

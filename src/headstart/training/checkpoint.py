@@ -17,7 +17,6 @@ import io
 import os
 import random
 import signal
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from torch.utils.data import Sampler
 
 from headstart.core.errors import DataError, TrainingDiverged
 from headstart.core.files import atomic_write_bytes
+from headstart.core.logs import logger
 
 CHECKPOINT_FORMAT = 1
 
@@ -168,10 +168,10 @@ class StopRequest:
         if self.signal is not None:  # asked twice: stop now, without saving
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
-        print(
-            f"\nheadstart: {self.signal} received: finishing this step and saving a checkpoint "
+        logger.warning(
+            "\nheadstart: %s received: finishing this step and saving a checkpoint "
             "(send it again to stop at once)",
-            file=sys.stderr,
+            self.signal,
         )
 
     def __bool__(self) -> bool:
