@@ -171,3 +171,24 @@ def test_results_schema_is_documented_from_the_record():
     assert {f.name for f in dataclasses.fields(headstart.RunResults)} == {
         n for n, _, _ in headstart.RunResults.schema()
     }
+
+
+def test_config_values_are_type_checked_and_yaml_numbers_converted(tiny_split, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 1e-3\nepochs: 2\nunfreeze_patterns: [conv_head]\n")  # YAML reads 1e-3 as text
+    c = headstart.TrainConfig.from_dict(yaml.safe_load(cfg.read_text()), strict=True)
+    c = c.with_overrides({"data": str(tiny_split)}).resolved()
+    assert (c.lr, c.epochs, c.unfreeze_patterns) == (1e-3, 2, ("conv_head",))
+    for bad, match in (
+        ({"epochs": "two"}, "--epochs expects an integer; received 'two'"),
+        ({"epochs": 2.5}, "--epochs expects an integer"),
+        ({"overwrite": "yes"}, "--overwrite is true or false"),
+        (
+            {"unfreeze_patterns": "conv_head"},
+            r"unfreeze_patterns \(--unfreeze-pattern\) expects a list of strings",
+        ),
+        ({"hflip": 1}, r"hflip \(--no-hflip\) is true or false"),
+        ({"batch_size": None}, "--batch-size cannot be empty"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            TrainConfig(data="d").with_overrides(bad).resolved()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,15 +66,21 @@ _BOUNDS = {"min": ">=", "max": "<=", "above": ">", "below": "<"}
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 
 
-def check_fields(obj: Any) -> None:
-    """Check every option field of a dataclass instance against its choices and bounds."""
+def checked(obj: Any) -> Any:
+    """A copy of a dataclass instance with every option field type-checked (numbers given as text,
+    as YAML reads 1e-3, are converted) and checked against its choices and bounds; ConfigError."""
     from headstart.core.errors import did_you_mean
 
+    hints = typing.get_type_hints(type(obj))
+    values = {}
     for f in dataclasses.fields(obj):
         v, m = getattr(obj, f.name), f.metadata
-        if v is None or "help" not in m:
+        if "help" not in m or dataclasses.is_dataclass(v):
             continue
-        flag = flag_of(f).replace("--no-", "--")
+        flag = _label(f)
+        v = values[f.name] = _typed(flag, v, hints[f.name])
+        if v is None:
+            continue
         choices = choices_of(f)
         if choices is not None and v not in choices:
             raise ConfigError(
@@ -84,3 +91,43 @@ def check_fields(obj: Any) -> None:
             b = m.get(key)
             if b is not None and isinstance(v, int | float) and not _OPS[sign](v, b):
                 raise ConfigError(f"{flag} has an invalid value: {v} (must be {sign} {b:g}).")
+    return dataclasses.replace(obj, **values)
+
+
+def _label(f: dataclasses.Field) -> str:
+    """How an error names an option: its flag, with the field name where they differ."""
+    flag = flag_of(f)
+    if flag == "--" + f.name.replace("_", "-"):
+        return flag
+    return f"{f.name} ({flag})" if flag.startswith("-") else f.name
+
+
+def _typed(flag: str, v: Any, hint: Any) -> Any:
+    """`v` as the field's type: int, float, str, bool, tuple of str, each optionally None."""
+    optional = type(None) in typing.get_args(hint)
+    kind = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    if v is None:
+        if optional:
+            return None
+        raise ConfigError(f"{flag} cannot be empty (null).")
+    if typing.get_origin(kind) is tuple:
+        if isinstance(v, str) or not all(isinstance(x, str) for x in v):
+            raise ConfigError(f"{flag} expects a list of strings; received {v!r}.")
+        return tuple(v)
+    if kind is bool:
+        if not isinstance(v, bool):
+            raise ConfigError(f"{flag} is true or false; received {v!r}.")
+        return v
+    if kind in (int, float):
+        wanted = "an integer" if kind is int else "a number"
+        if isinstance(v, str):  # e.g. YAML reads 1e-3 (no dot) as text
+            try:
+                v = kind(v)
+            except ValueError:
+                raise ConfigError(f"{flag} expects {wanted}; received {v!r}.") from None
+        if isinstance(v, bool) or not isinstance(v, int | float) or (kind is int and v != int(v)):
+            raise ConfigError(f"{flag} expects {wanted}; received {v!r}.")
+        return kind(v)
+    if kind is str and not isinstance(v, str):
+        raise ConfigError(f"{flag} expects text; received {v!r}.")
+    return v

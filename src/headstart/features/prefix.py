@@ -27,7 +27,7 @@ from headstart.data.layout import DataSplit, Skipped
 from headstart.data.transforms import Preprocess, eval_transform
 from headstart.features.cache import FeatureCache
 from headstart.features.extract import cache_stats, extract_features
-from headstart.features.views import FeatureOptions, open_cache
+from headstart.features.views import FeatureOptions, extract_options, open_cache
 from headstart.models.freezing import FrozenBNStaysEval
 from headstart.models.transfer import TransferModel
 
@@ -191,14 +191,7 @@ def prefix_datasets(model: TransferModel, split: DataSplit, pp: Preprocess, opts
         tmp = tempfile.TemporaryDirectory(prefix="headstart-prefix-")
         opts = dataclasses.replace(opts, cache=True, cache_dir=tmp.name)
     cache = open_cache(model.backbone, pp, opts, prefix_split=sp.at, map_shape=list(sp.shape))
-    kw = dict(
-        device=device,
-        batch_size=64,
-        num_workers=opts.num_workers,
-        draft=pp.resize_size,
-        cache=cache,
-        load=False,
-    )
+    kw = extract_options(pp, opts, device, cache) | {"load": False}
     tf = eval_transform(pp)
     ftr = extract_features(sp.prefix, split.train, tf, desc="prefix train", **kw)
     fva = extract_features(sp.prefix, split.val, tf, desc="prefix val", **kw)

@@ -94,20 +94,19 @@ def open_cache(
     return FeatureCache(root, model_key(spec), spec)
 
 
+def extract_options(pp: Preprocess, opts: FeatureOptions, device, cache: FeatureCache | None) -> dict:
+    """The keyword arguments of extract_features shared by feature and prefix-map extraction."""
+    return dict(device=device, batch_size=64, num_workers=opts.num_workers, draft=pp.resize_size, cache=cache,
+                compile=opts.compile)  # fmt: skip
+
+
 def feature_datasets(
     backbone, split: DataSplit, pp: Preprocess, opts: FeatureOptions, device, dist: DistInfo = DistInfo()
 ) -> FeatureInputs:
     """Features of train and val (un-augmented, plus opts.views - 1 augmented views of train), from
     the cache or computed once. Ranks of a torchrun job each extract a strided share, then gather."""
     cache = open_cache(backbone, pp, opts)
-    kw = dict(
-        device=device,
-        batch_size=64,
-        num_workers=opts.num_workers,
-        draft=pp.resize_size,
-        cache=cache,
-        compile=opts.compile,
-    )
+    kw = extract_options(pp, opts, device, cache)
     tf = eval_transform(pp)
 
     def features(items: list, desc: str) -> Features:  # each rank a strided share, then gathered

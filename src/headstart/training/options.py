@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from headstart.core.errors import ConfigError, did_you_mean
-from headstart.core.options import check_fields, option
+from headstart.core.options import checked, option
 from headstart.data.transforms import Augment
 from headstart.features.views import FeatureOptions
 from headstart.models.config import DEFAULT_BACKBONE
@@ -150,9 +150,7 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """Fill defaults that depend on other options and check every value; raises ConfigError."""
-        c = dataclasses.replace(self)
-        check_fields(c)
-        check_fields(c.augment)
+        c = checked(dataclasses.replace(self, augment=checked(self.augment)))
         if not c.data:
             raise ConfigError("headstart train needs DATA (a folder of class subfolders), or --resume RUN.")
         c.data = str(c.data)
@@ -198,8 +196,6 @@ class TrainConfig:
         aug = kw.get("augment", {})
         if isinstance(aug, Mapping):
             kw["augment"] = Augment(**_known(Augment, aug, strict))
-        if "unfreeze_patterns" in kw:
-            kw["unfreeze_patterns"] = tuple(kw["unfreeze_patterns"])
         return cls(**kw)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> TrainConfig:
@@ -212,8 +208,6 @@ class TrainConfig:
         top = {k: v for k, v in overrides.items() if k in names}
         if isinstance(top.get("augment"), Mapping):
             top["augment"] = Augment(**_known(Augment, top["augment"], True))
-        if "unfreeze_patterns" in top:
-            top["unfreeze_patterns"] = tuple(top["unfreeze_patterns"])
         flat_aug = {k: v for k, v in overrides.items() if k in aug_names and k not in names}
         c = dataclasses.replace(self, **top)
         return dataclasses.replace(c, augment=dataclasses.replace(c.augment, **flat_aug)) if flat_aug else c

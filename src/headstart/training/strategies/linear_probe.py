@@ -18,11 +18,10 @@ from headstart.core import logs
 from headstart.core.errors import ConfigError
 from headstart.core.files import METRICS
 from headstart.core.metrics import nll, probabilities
-from headstart.models.freezing import freeze_backbone
 from headstart.training.rundir import MetricsLog
 from headstart.training.setup import Run
-from headstart.training.strategies.base import Fitted, Inputs, Strategy
-from headstart.training.strategies.inputs import feature_inputs
+from headstart.training.strategies.base import Fitted, Inputs
+from headstart.training.strategies.extract import Extract
 
 CS = np.logspace(-4, 2, 13)  # candidate C values, 10^-4 .. 10^2
 CV_MAX_SAMPLES = 10_000  # larger training sets choose C on a stratified subsample
@@ -108,17 +107,10 @@ def fit_probe(
     return ProbeFit(w_folded, b_folded, best_c, float(search.best_score_), folds, n_cv, classifier)
 
 
-class LinearProbe(Strategy):
-    """`--strategy linear-probe`: features once, C by cross-validation, folded into the linear head."""
+class LinearProbe(Extract):
+    """`--strategy linear-probe`: the features of extract; C by cross-validation, folded into the head."""
 
     name, default_epochs, default_lr = "linear-probe", 1, 1e-3  # lr: unused
-    seconds_key = "head_train_seconds"
-
-    def freeze(self, model, cfg) -> list[str]:
-        return freeze_backbone(model)
-
-    def inputs(self, run: Run) -> Inputs:
-        return feature_inputs(run)
 
     def fit(self, run: Run, inputs: Inputs) -> Fitted:
         t0 = time.perf_counter()
