@@ -192,7 +192,7 @@ class TrainConfig:
         unknown = [k for k in d if k not in names]
         if strict and unknown:
             raise ConfigError(unknown_options(unknown))
-        kw = {k: v for k, v in d.items() if k in names}
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
         aug = kw.get("augment", {})
         if isinstance(aug, Mapping):
             kw["augment"] = Augment(**_known(Augment, aug, strict))
@@ -205,7 +205,7 @@ class TrainConfig:
         unknown = [k for k in overrides if k not in names | aug_names]
         if unknown:
             raise ConfigError(unknown_options(unknown))
-        top = {k: v for k, v in overrides.items() if k in names}
+        top = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if k in names}
         if isinstance(top.get("augment"), Mapping):
             top["augment"] = Augment(**_known(Augment, top["augment"], True))
         flat_aug = {k: v for k, v in overrides.items() if k in aug_names and k not in names}
