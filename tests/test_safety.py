@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from headstart.core.errors import DataError, TrainingDiverged, WeightsError
 from headstart.core.files import CHECKPOINT
+from headstart.inference.predictor import load
 from headstart.models.weights import load_state_dict_file
 from headstart.training.checkpoint import load_checkpoint, save_checkpoint
 from headstart.training.run import train
@@ -156,3 +157,40 @@ def test_deterministic_flag_turns_on_torch_deterministic_algorithms(tiny_split, 
     with pytest.raises(Seen):
         train(tiny_split, output=tmp_path / "b")
     assert seen == [True, before] and torch.are_deterministic_algorithms_enabled() == before
+
+
+@pytest.fixture
+def tiny_run(tiny_split, tmp_path):
+    train(tiny_split, output=tmp_path / "run", backbone=TINY, weights="none", epochs=1, batch_size=8,
+          num_workers=0)  # fmt: skip
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.update(temperature=0), r"temperature must be a positive finite number .*; found 0"),
+        (lambda m: m.update(temperature=-1), r"temperature must be a positive finite number .*; found -1"),
+        (lambda m: m.update(temperature="hot"), "temperature must be .*; found 'hot'"),
+        (lambda m: m.pop("head"), "head.kind must be one of linear, mlp, binary; found nothing"),
+        (
+            lambda m: m["preprocessing"].update(std=[0.5, 0, 0.5]),
+            "preprocessing.std must be 3 numbers above 0",
+        ),
+        (lambda m: m["backbone"].update(arch="no_such_net"), "backbone.arch 'no_such_net' .*cannot be built"),
+        (lambda m: m.update(classes=["a", "b", "c"]), r"head.*weights \(2, .*model.json implies \(3, "),
+        (lambda m: m.update(classes=["a", "a"]), "classes must be a list of at least 2 distinct class names"),
+    ],
+)
+def test_tampered_model_json_is_one_paragraph_naming_the_key(tiny_run, change, message):
+    import json
+
+    path = tiny_run / "model.json"
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+    with pytest.raises(DataError, match=message) as e:
+        load(tiny_run)
+    assert "model.json" in str(e.value)
+    r = run_cli("predict", tiny_run, str(tiny_run / "model.json"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "model.json" in r.stderr

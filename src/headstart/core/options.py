@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import os
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -128,6 +129,8 @@ def _typed(flag: str, v: Any, hint: Any) -> Any:
         if isinstance(v, bool) or not isinstance(v, int | float) or (kind is int and v != int(v)):
             raise ConfigError(f"{flag} expects {wanted}; received {v!r}.")
         return kind(v)
+    if kind is str and isinstance(v, os.PathLike):  # paths are options too: data, output, val, ...
+        return os.fspath(v)
     if kind is str and not isinstance(v, str):
         raise ConfigError(f"{flag} expects text; received {v!r}.")
     return v

@@ -3,6 +3,7 @@ preprocessing, temperature), everything needed to use the weights without the tr
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from headstart.core.files import MODEL_JSON, WEIGHTS, atomic_write_bytes, read_j
 from headstart.data.transforms import Preprocess
 from headstart.models.backbones import backbone_from_config
 from headstart.models.config import BackboneConfig
-from headstart.models.heads import HeadSpec
+from headstart.models.heads import HEAD_KINDS, HeadSpec
 from headstart.models.transfer import TransferModel
 
 MODEL_FORMAT = 1
@@ -88,16 +89,94 @@ def set_temperature(run_dir: str | os.PathLike, temperature: float) -> None:
 
 
 def load_model(run_dir: str | os.PathLike) -> tuple[TransferModel, Preprocess, dict]:
-    """The stored model (CPU, eval mode), its preprocessing and its model.json record."""
+    """The stored model (CPU, eval mode), its preprocessing and its model.json record.
+
+    model.json is checked against its schema and against the weights' shapes before anything runs:
+    a changed or damaged file is one paragraph naming the key, never a traceback.
+    """
     run_dir = Path(run_dir)
-    record = read_json(run_dir / MODEL_JSON)
-    backbone = backbone_from_config(BackboneConfig.from_dict(record["backbone"]))
-    model = TransferModel.build(backbone, HeadSpec.from_dict(record["head"]), record["classes"])
-    missing, unexpected = model.load_state_dict(load_weights(run_dir / WEIGHTS), strict=False)
-    if missing or unexpected:
+    path = run_dir / MODEL_JSON
+    record = read_json(path)
+    validate_record(record, path)
+    try:
+        backbone = backbone_from_config(BackboneConfig.from_dict(record["backbone"]))
+    except Exception as e:  # noqa: BLE001 - timm/torchvision raise several kinds for unknown names
         raise DataError(
-            f"{str(run_dir / WEIGHTS)!r} does not match {str(run_dir / MODEL_JSON)!r}: "
-            f"{len(missing)} missing and {len(unexpected)} unexpected tensors "
-            f"(e.g. {', '.join((missing + unexpected)[:3])}). The run folder is inconsistent."
-        )
+            f"{str(path)!r}: backbone.arch {record['backbone']['arch']!r} ({record['backbone']['source']}) "
+            f"cannot be built here ({type(e).__name__}: {e}). Restore model.json, or install the library "
+            "version that trained it (config.json lists the versions)."
+        ) from e
+    model = TransferModel.build(backbone, HeadSpec.from_dict(record["head"]), record["classes"])
+    state = load_weights(run_dir / WEIGHTS)
+    check_shapes(model.state_dict(), state, path, run_dir / WEIGHTS)
+    model.load_state_dict(state)
     return model.eval(), Preprocess.from_dict(record["preprocessing"]), record
+
+
+def check_shapes(
+    own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], record: Path, weights: Path
+) -> None:
+    """The weights file holds exactly the tensors model.json describes, shape for shape."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            [
+                f"{k}: weights {tuple(state[k].shape)}, model.json implies {tuple(own[k].shape)}"
+                for k in wrong[:3]
+            ]
+            + ([f"{len(missing)} missing (e.g. {missing[0]})"] if missing else [])
+            + ([f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else [])
+        )
+        raise DataError(
+            f"{str(weights)!r} does not match {str(record)!r}: {detail}. One of the two was changed or "
+            "comes from another run: restore both from the same run, or train again."
+        )
+
+
+_ABSENT = object()
+# model.json keys: (dotted key, check, what is expected, default where older files may lack the key)
+_SCHEMA: list[tuple] = [
+    ("classes", lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) for c in v)
+     and len(set(v)) == len(v), "a list of at least 2 distinct class names", _ABSENT),
+    ("backbone.source", lambda v: v in ("embedded", "torchvision", "timm", "hf"),
+     "one of embedded, torchvision, timm, hf", _ABSENT),
+    ("backbone.name", lambda v: isinstance(v, str) and v != "", "a backbone name", _ABSENT),
+    ("backbone.arch", lambda v: isinstance(v, str) and v != "", "an architecture name", _ABSENT),
+    ("backbone.feature_blocks", lambda v: _int(v, 1), "an integer >= 1", 1),
+    ("head.kind", lambda v: v in HEAD_KINDS, f"one of {', '.join(HEAD_KINDS)}", _ABSENT),
+    ("head.hidden", lambda v: isinstance(v, list) and all(_int(h, 1) for h in v), "positive integers", []),
+    ("head.dropout", lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)", 0.0),
+    ("preprocessing.input_size", lambda v: _int(v, 16), "an integer >= 16", _ABSENT),
+    ("preprocessing.mean", lambda v: _triple(v), "3 numbers", _ABSENT),
+    ("preprocessing.std", lambda v: _triple(v) and min(v) > 0, "3 numbers above 0", _ABSENT),
+    ("preprocessing.crop_pct", lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]", 0.875),
+    ("temperature", lambda v: _num(v) and v > 0, "a positive finite number (1.0 when not calibrated)", 1.0),
+]  # fmt: skip
+
+
+def validate_record(record: object, path: Path) -> None:
+    """model.json against its schema: each problem names the file, the key and what was expected."""
+    for key, ok, expected, default in _SCHEMA:
+        value = record
+        for part in key.split("."):
+            value = value.get(part, default) if isinstance(value, dict) else _ABSENT
+        if value is _ABSENT or not ok(value):
+            found = "nothing" if value is _ABSENT else repr(value)
+            raise DataError(
+                f"{str(path)!r}: {key} must be {expected}; found {found}. The file was changed or damaged: "
+                "restore it from the run, or train again."
+            )
+
+
+def _num(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v: object, minimum: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _triple(v: object) -> bool:
+    return isinstance(v, list) and len(v) == 3 and all(_num(x) for x in v)
