@@ -62,7 +62,8 @@ def test_ray_map_batches_matches_headstart_predict(local_ray, hymenoptera_run, t
                          num_cpus=0.5).to_pandas()  # fmt: skip
     got = dict(zip(out["path"], out["label"], strict=True))
     # Ray names files without a leading "/" on some filesystems; compare on absolute paths
-    got = {("/" + p.lstrip("/")): lab for p, lab in got.items()}
+    # and both sides resolved: ../shared may be a symbolic link
+    got = {str(Path("/" + p.lstrip("/")).resolve()): lab for p, lab in got.items()}
     expected = {str(Path(p).resolve()): lab for p, lab in expected.items()}
     common = set(got) & set(expected)
     assert len(common) == len(expected), sorted(set(expected) ^ set(got))[:5]

@@ -184,6 +184,22 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=c.cmd_export)
 
 
+def _cache_parser(p: argparse.ArgumentParser) -> None:
+    from headstart.training.options import TrainConfig
+
+    p.add_argument(
+        "action",
+        choices=["info", "prune", "clear"],
+        help="info: entries, sizes, last use; prune: remove leftovers of killed runs, unreferenced "
+        "and quarantined shards (and with --older-than, entries unused that long); clear: all",
+    )
+    add_fields(p, TrainConfig, only=("cache_dir",))
+    p.add_argument(
+        "--older-than", type=float, default=None, metavar="DAYS", help="prune: entries unused this long"
+    )
+    p.set_defaults(func=c.cmd_cache)
+
+
 COMMANDS = (
     ("train", "train a model on an image folder", _train_parser),
     ("doctor", "find unusable, odd, duplicate and leaking files in a dataset", _doctor_parser),
@@ -196,6 +212,7 @@ COMMANDS = (
     ("report", "write RUN/report.html: curves, errors, calibration, facts", _report_parser),
     ("compare", "train several strategies/backbones on one split, tabulate", _compare_parser),
     ("export", "export a run to ONNX / TorchScript / safetensors, with a parity check", _export_parser),
+    ("cache", "show or clean the feature cache", _cache_parser),
 )
 
 

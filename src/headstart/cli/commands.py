@@ -17,12 +17,13 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     options = given(a, a.option_dests)
     if a.resume:
-        if options.get("data") or a.config:
+        other = sorted(set(options) - {"num_workers"}) + (["--config"] if a.config else [])
+        if other:
             raise ConfigError(
-                f"--resume {a.resume} continues that run with the options saved in it; "
-                f"leave out DATA and --config ({options.get('data') or a.config!r})."
+                f"--resume {a.resume} continues that run with the options saved in it; only --workers may "
+                f"change. Leave out {', '.join(other)}."
             )
-        return _print_result(resume(a.resume))
+        return _print_result(resume(a.resume, num_workers=options.get("num_workers")))
     cfg = as_config(a.config).with_overrides(options)
     if a.print_config:
         import yaml
@@ -124,6 +125,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def cmd_predict(a: argparse.Namespace) -> int:
     """headstart predict."""
+    from headstart.data.layout import image_paths
     from headstart.inference.onnx import open_predictor
 
     if a.resume and not a.csv:
@@ -132,19 +134,13 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if a.csv:
         from headstart.deploy.batch import predict_to_csv
 
-        summary = predict_to_csv(
-            predictor,
-            a.inputs,
-            a.csv,
-            top_k=a.top_k,
-            batch_size=a.batch_size,
-            num_workers=a.num_workers,
-            resume=a.resume,
-        )
+        summary = predict_to_csv(predictor, a.inputs, a.csv, top_k=a.top_k, batch_size=a.batch_size,
+                                 num_workers=a.num_workers, resume=a.resume)  # fmt: skip
         print(summary.describe())
         return 0
-    for p in predictor.iter_predict(
-        a.inputs, top_k=a.top_k, batch_size=a.batch_size, num_workers=a.num_workers
+    paths = image_paths(a.inputs)
+    for p in predictor.predict_paths(
+        paths, top_k=a.top_k, batch_size=a.batch_size, num_workers=a.num_workers
     ):
         if p.error:
             print(f"{p.path}\tERROR\t{p.error}")
@@ -242,4 +238,32 @@ def cmd_export(a: argparse.Namespace) -> int:
         print(r.parity.describe() + " -> ok")
         for s in r.parity.skipped:
             print(f"  parity skipped unreadable file {s}")
+    return 0
+
+
+def cmd_cache(a: argparse.Namespace) -> int:
+    """headstart cache info|prune|clear."""
+    import time
+
+    from headstart.features.cache import default_cache_dir
+    from headstart.features.maintenance import cache_entries, clear, prune
+
+    root = a.cache_dir or default_cache_dir()
+    if a.action == "info":
+        entries = cache_entries(root)
+        print(f"{'key':<26}{'backbone':<24}{'weights':<14}{'rows':>9}{'MB':>10}  last used   views")
+        for e in entries:
+            used = time.strftime("%Y-%m-%d", time.localtime(e.last_used)) if e.last_used else "?"
+            size = f"{e.bytes / 1e6:>10.1f}"
+            print(f"{e.key:<26}{e.backbone[:23]:<24}{e.weights:<14}{e.rows:>9}{size}  {used:<11} {e.views}")
+        print(f"{len(entries)} entries, {sum(e.bytes for e in entries) / 1e6:.1f} MB in {root}")
+    elif a.action == "prune":
+        r = prune(root, older_than_days=a.older_than)
+        print(
+            f"removed {r['temporaries']} temporaries of killed runs, {r['unreferenced shards']} unreferenced "
+            f"and {r['quarantined shards']} quarantined shards, {r['entries']} unused entries: "
+            f"{r['bytes'] / 1e6:.1f} MB freed in {root}"
+        )
+    else:
+        print(f"removed every entry: {clear(root) / 1e6:.1f} MB freed in {root}")
     return 0

@@ -27,6 +27,12 @@ class WeightsError(HeadstartError):
     exit_code = 2
 
 
+class DiskFull(HeadstartError):
+    """A disk ran out of space; the message says where, how much, and what was kept."""
+
+    exit_code = 2
+
+
 class FrozenTensorChanged(HeadstartError):
     """A tensor that was meant to stay frozen changed during training."""
 
@@ -43,6 +49,15 @@ class RunInterrupted(HeadstartError):
     """SIGTERM or Ctrl-C stopped training after saving a checkpoint; `--resume` continues it."""
 
     exit_code = 130
+
+
+def loader_message(e: BaseException) -> str:
+    """The first line of a loading error, without torch's advice to load with weights_only=False:
+    headstart never loads a file that way, so it never suggests it."""
+    text = str(e).strip()
+    if "Weights only load failed" in text or "weights_only" in text:
+        return "it holds Python objects other than tensors, which could run code when loaded"
+    return text.splitlines()[0][:300] if text else ""
 
 
 def did_you_mean(value: str, choices: list[str], n: int = 3) -> str:

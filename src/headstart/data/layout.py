@@ -68,6 +68,13 @@ def walk_images(folder: str | os.PathLike) -> tuple[list[str], list[Skipped]]:
         for d in sorted(dirnames):
             if is_ignored(d):
                 skipped.append(Skipped(os.path.join(dirpath, d), _ignored_reason(d, True)))
+            elif os.path.islink(os.path.join(dirpath, d)):  # os.walk does not follow it: say so
+                skipped.append(
+                    Skipped(
+                        os.path.join(dirpath, d),
+                        "symbolic link to a folder: not followed (move or link the image files themselves)",
+                    )
+                )
         dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
         for fn in sorted(filenames):
             path = os.path.join(dirpath, fn)
@@ -167,6 +174,19 @@ def scan_dataset(root: str | os.PathLike) -> DatasetLayout:
     return DatasetLayout(str(root), trees, "train", names[1] if len(names) > 1 else None, stray)
 
 
+def image_paths(inputs: Iterable) -> list[str]:
+    """expand_inputs for commands that must find at least one image: DataError naming what was found."""
+    inputs = list(inputs)
+    paths, skipped = expand_inputs(inputs)
+    if not paths:
+        seen = "; ".join(f"{s.path} ({s.reason})" for s in skipped[:5]) or "nothing at all"
+        raise DataError(
+            f"No image files in {', '.join(map(str, inputs))}: found {seen}. Image files end in "
+            f"{', '.join(IMG_EXTENSIONS)}."
+        )
+    return paths
+
+
 def expand_inputs(inputs: Iterable) -> tuple[list[str], list[Skipped]]:
     """Files as given, folders expanded to their image files (the same walk as datasets)."""
     out: list[str] = []
@@ -196,6 +216,7 @@ class DataSplit:
     val: list[tuple[str, int]]
     layout: str
     skipped: list[Skipped] = field(default_factory=list)
+    root: str = ""  # the dataset folder (what `headstart doctor` is pointed at)
 
     def counts(self, split: str) -> dict[str, int]:
         """Images per class in 'train' or 'val'."""
@@ -210,6 +231,7 @@ class DataSplit:
             "train": [[p, y] for p, y in self.train],
             "val": [[p, y] for p, y in self.val],
             "skipped": [s.to_dict() for s in self.skipped],
+            "root": self.root,
         }
 
     @classmethod
@@ -221,6 +243,7 @@ class DataSplit:
             val=[(p, int(y)) for p, y in d["val"]],
             layout=d.get("layout", ""),
             skipped=[Skipped(**s) for s in d.get("skipped", [])],
+            root=d.get("root", ""),
         )
 
 
@@ -251,7 +274,7 @@ def resolve_data(
     _check_classes(train.classes, str(data))
     if not vitems:
         raise DataError(f"No validation images found for {str(data)!r} ({name}).")
-    return DataSplit(train.classes, train.items, vitems, name, skipped)
+    return DataSplit(train.classes, train.items, vitems, name, skipped, str(data))
 
 
 def _remap(vtree: ClassTree, classes: list[str], where: str | os.PathLike) -> list[tuple[str, int]]:

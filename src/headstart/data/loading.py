@@ -137,3 +137,18 @@ def make_loader(
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
+
+
+def worker_death(e: BaseException) -> str | None:
+    """What a DataLoader's "worker ... killed by signal" / "exited unexpectedly" error means, or None."""
+    msg = str(e)
+    if not isinstance(e, RuntimeError) or "DataLoader worker" not in msg:
+        return None
+    first = msg.strip().splitlines()[0]
+    if "Killed" in msg or "SIGKILL" in msg:
+        cause = "SIGKILL is usually the kernel's out-of-memory killer taking the largest process"
+    elif "Terminated" in msg or "SIGTERM" in msg:
+        cause = "SIGTERM reached the worker (a job scheduler, or `kill` on the process list)"
+    else:
+        cause = "it may have run out of memory, or been killed"
+    return f"a data-loading worker process died ({first}); {cause}"

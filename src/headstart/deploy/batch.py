@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import time
 from collections.abc import Iterable
@@ -10,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headstart.core.errors import ConfigError
-from headstart.data.layout import expand_inputs
+from headstart.core.files import csv_cell
+from headstart.data.layout import image_paths
 from headstart.inference.predictor import Prediction, Predictor
 
 
@@ -46,11 +48,12 @@ def done_paths(path: str | os.PathLike, top_k: int) -> set[str]:
         return set()
     with open(path, "rb+") as f:
         data = f.read()
-        if not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1  # 0 when even the header is incomplete
+        # rows end in \r\n (csv's terminator); a bare \n may sit inside a quoted file name
+        if not data.endswith(b"\r\n"):
+            cut = data.rfind(b"\r\n") + 2 if b"\r\n" in data else 0  # 0: even the header is incomplete
             f.truncate(cut)
             data = data[:cut]
-    rows = list(csv.reader(data.decode("utf-8").splitlines()))
+    rows = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
     if not rows:
         return set()
     want = csv_header(top_k)
@@ -59,7 +62,7 @@ def done_paths(path: str | os.PathLike, top_k: int) -> set[str]:
             f"Cannot --resume into {str(path)!r}: its columns are {','.join(rows[0])} but --top-k "
             f"{top_k} writes {','.join(want)}. Resume with the same --top-k, or write a new --csv."
         )
-    return {r[0] for r in rows[1:] if r}
+    return {r[0] for r in rows[1:] if r}  # as written: csv_cell(path)
 
 
 def predict_to_csv(
@@ -75,9 +78,10 @@ def predict_to_csv(
 ) -> BatchSummary:
     """Predict every image under `inputs` into `csv_path`, row by row; `resume` skips rows present."""
     csv_path = Path(csv_path)
-    paths, _ = expand_inputs(inputs)
+    paths = image_paths(inputs)
+    _check_writable(csv_path)
     done = done_paths(csv_path, top_k) if resume else set()
-    todo = [p for p in paths if p not in done]
+    todo = [p for p in paths if csv_cell(p) not in done]
     append = resume and csv_path.exists() and csv_path.stat().st_size > 0
     errors = 0
 
@@ -95,6 +99,18 @@ def predict_to_csv(
     else:
         n = 0
     return BatchSummary(csv_path, n, len(paths) - len(todo), errors, time.perf_counter() - t0)
+
+
+def _check_writable(path: Path) -> None:
+    """The CSV's folder exists (it is created) and the file can be written: checked before predicting."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"--csv {str(path)!r} cannot be written ({e.strerror or e}). Choose another path."
+        ) from e
 
 
 def csv_header(top_k: int) -> list[str]:
@@ -119,8 +135,8 @@ def write_csv(
             cells = []
             for j in range(top_k):
                 has = j < len(p.labels)
-                cells += [p.labels[j] if has else "", f"{p.probabilities[j]:.6f}" if has else ""]
-            w.writerow([p.path, *cells, p.error or ""])
+                cells += [csv_cell(p.labels[j]) if has else "", f"{p.probabilities[j]:.6f}" if has else ""]
+            w.writerow([csv_cell(p.path), *cells, csv_cell(p.error or "")])
             n += 1
             f.flush()
     return n

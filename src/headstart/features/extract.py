@@ -29,6 +29,7 @@ class Features:
     seconds: float = 0.0
     hits: int = 0
     misses: int = 0
+    recomputed: int = 0  # cached rows dropped because their shard was damaged, computed again
     rows: list[tuple[str, int]] | None = None  # (shard, row) in the cache, when load=False
 
 
@@ -39,6 +40,7 @@ def cache_stats(*parts: Features) -> dict:
         "cache_hit_rate": round(hits / max(hits + misses, 1), 6),
         "features_extracted": misses,
         "features_from_cache": hits,
+        "cache_rows_recomputed": sum(p.recomputed for p in parts),
     }
 
 
@@ -74,7 +76,10 @@ def extract_features(
     wanted = list(range(len(items))) if subset is None else list(subset)
     start = time.perf_counter()
     keys, failed = _file_keys(items, wanted, view)
+    n_unstatable = len(failed)
+    before = cache.recomputed if cache is not None else 0
     hits = cache.lookup(list(keys.values())) if cache is not None else {}
+    recomputed = cache.recomputed - before if cache is not None else 0
     missing = [i for i in keys if keys[i] not in hits]
     dim = backbone.feature_dim
     live: dict[int, np.ndarray] = {}  # only without a cache
@@ -117,7 +122,8 @@ def extract_features(
         failed,
         rows=rows,
     )
-    f.seconds, f.hits, f.misses = time.perf_counter() - start, len(keys) - len(missing), len(missing)
+    f.seconds, f.hits, f.recomputed = time.perf_counter() - start, len(keys) - len(missing), recomputed
+    f.misses = len(missing) - (len(failed) - n_unstatable)  # images that went through the backbone
     return f
 
 

@@ -201,4 +201,5 @@ def gather_features(f: Features, dist: DistInfo) -> Features:
         seconds=max(p.seconds for p in parts),
         hits=sum(p.hits for p in parts),
         misses=sum(p.misses for p in parts),
+        recomputed=sum(p.recomputed for p in parts),
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from headstart.core.errors import ConfigError, HeadstartError
-from headstart.core.files import SPLIT, atomic_write_bytes, read_json
+from headstart.core.files import SPLIT, atomic_write_bytes, csv_cell, read_json
 from headstart.data.layout import resolve_data
 from headstart.models.config import DEFAULT_BACKBONE
 from headstart.training.options import TrainConfig
@@ -190,7 +190,7 @@ def to_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, COLUMNS)
     w.writeheader()
-    w.writerows(rows)
+    w.writerows([{k: csv_cell(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows])
     return buf.getvalue()
 
 

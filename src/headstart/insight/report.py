@@ -18,7 +18,17 @@ from pathlib import Path
 import numpy as np
 from markupsafe import Markup
 
-from headstart.core.files import CONFIG, METRICS, MODEL_JSON, RESULTS, SPLIT, atomic_write_bytes, read_json
+from headstart.core import logs
+from headstart.core.files import (
+    CONFIG,
+    METRICS,
+    MODEL_JSON,
+    RESULTS,
+    SPLIT,
+    atomic_write_bytes,
+    csv_cell,
+    read_json,
+)
 from headstart.core.metrics import calibration_summary, fit_temperature
 from headstart.data.images import load_image
 from headstart.inference.logits import Logits, run_logits
@@ -216,9 +226,9 @@ def write_suspects(rows: list[dict], path: Path) -> None:
     for r in rows:
         w.writerow(
             [
-                r["path"],
-                r["given_label"],
-                r["predicted_label"],
+                csv_cell(r["path"]),
+                csv_cell(r["given_label"]),
+                csv_cell(r["predicted_label"]),
                 f"{r['confidence']:.6f}",
                 f"{r['given_label_probability']:.6f}",
                 f"{r['loss']:.6f}",
@@ -228,11 +238,29 @@ def write_suspects(rows: list[dict], path: Path) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.csv rows as floats (empty when the run has no per-epoch log)."""
+    """metrics.csv rows as floats (empty when the run has no per-epoch log); a row whose numbers do not
+    read as numbers is left out of the curves, with a warning, rather than failing the report."""
     if not path.exists():
         return []
+    needed = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
+    rows, bad = [], 0
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        for row in csv.DictReader(f):
+            values = {k: _float(v) for k, v in row.items() if k is not None}
+            if all(isinstance(values.get(k), float) for k in needed):
+                rows.append({k: v for k, v in values.items() if v is not None})
+            else:
+                bad += 1
+    if bad:
+        logs.warning(f"{path}: {bad} row(s) with values that are not numbers left out of the training curves")
+    return rows
+
+
+def _float(v: str | None) -> float | None:
+    try:
+        return float(v) if v not in ("", None) else None
+    except ValueError:
+        return None
 
 
 def _thumb(path: str, size: int) -> str:

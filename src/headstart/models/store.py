@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 
 from headstart.core.errors import DataError
-from headstart.core.files import MODEL_JSON, WEIGHTS, atomic_write_bytes, read_json, write_json
+from headstart.core.files import (
+    MODEL_JSON,
+    WEIGHTS,
+    atomic_write_bytes,
+    read_json,
+    require_finished,
+    write_json,
+)
 from headstart.data.transforms import Preprocess
 from headstart.models.backbones import backbone_from_config
 from headstart.models.config import BackboneConfig
@@ -95,6 +102,7 @@ def load_model(run_dir: str | os.PathLike) -> tuple[TransferModel, Preprocess, d
     a changed or damaged file is one paragraph naming the key, never a traceback.
     """
     run_dir = Path(run_dir)
+    require_finished(run_dir)
     path = run_dir / MODEL_JSON
     record = read_json(path)
     validate_record(record, path)

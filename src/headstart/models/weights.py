@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from headstart.core.errors import WeightsError
+from headstart.core.errors import WeightsError, loader_message
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -27,7 +27,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - any parse failure becomes one clear message
         raise WeightsError(
             f"Could not read weights file {str(path)!r}: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}. headstart loads only tensors "
+            f"{loader_message(e)}. headstart loads only tensors "
             "(safetensors, or torch.save'd state dicts with weights_only=True); a file that "
             "needs arbitrary code to unpickle is refused."
         ) from e

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from headstart.core.errors import DataError, TrainingDiverged
+from headstart.core.errors import DataError, TrainingDiverged, loader_message
 from headstart.core.files import atomic_write_bytes
 from headstart.core.logs import logger
 
@@ -133,7 +133,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncation, garbage and code-carrying pickles alike
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = loader_message(e)
         raise DataError(
             f"Checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {first[:200]}). It is "
             "damaged, truncated, or holds objects other than tensors (headstart never unpickles "
@@ -153,6 +153,7 @@ class StopRequest:
     def __init__(self):
         self.signal: str | None = None
         self._old: dict = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> StopRequest:
         if _main_thread():
@@ -165,6 +166,8 @@ class StopRequest:
             signal.signal(sig, old)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker forked with this handler: the main process decides
+            return
         if self.signal is not None:  # asked twice: stop now, without saving
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name

@@ -24,7 +24,7 @@ from headstart.core.errors import RunInterrupted, TrainingDiverged
 from headstart.core.files import CHECKPOINT, METRICS
 from headstart.data.images import explain_failure, load_image
 from headstart.data.layout import Skipped
-from headstart.data.loading import make_loader
+from headstart.data.loading import default_workers, make_loader, worker_death
 from headstart.models.freezing import frozen_tensor_names
 from headstart.training.checkpoint import (
     ResumableSampler,
@@ -64,8 +64,14 @@ def fit(run: Run, inputs: Inputs) -> Fitted:
             t0 = time.perf_counter()
             totals = state.totals if epoch == state.epoch and state.totals else new_totals()
             start_epoch(sampler, inputs, epoch, totals["batches"] * cfg.batch_size)
-            tr = train_epoch(net, train_loader, state, epoch, totals, stop)
-            va = validate(net, val_loader, run, state.bad_files)
+            try:
+                tr = train_epoch(net, train_loader, state, epoch, totals, stop)
+                va = validate(net, val_loader, run, state.bad_files)
+            except RuntimeError as e:  # a loader worker died: keep the position, say what to do
+                if (why := worker_death(e)) is None:
+                    raise
+                state.save(epoch, totals)
+                raise worker_died(why, run, inputs) from e
             check_bad_fraction(skipped(state.bad_files), run.split, cfg.max_bad_fraction)
             metrics.add(
                 {
@@ -348,6 +354,17 @@ def interrupted(signame: str, run: Run, epoch: int, batches: int, per_epoch: int
     return RunInterrupted(
         f"{signame} received: stopped at epoch {epoch}, batch {batches}/{per_epoch}, after saving "
         f"{str(run.out / CHECKPOINT)!r}. Continue with: headstart train --resume {run.out}"
+    )
+
+
+def worker_died(why: str, run: Run, inputs: Inputs) -> RunInterrupted:
+    """The paragraph for a dead loader worker: cause, what lowers memory, how to continue."""
+    workers = inputs.workers if inputs.workers is not None else default_workers()
+    return RunInterrupted(
+        f"Training stopped: {why}. A checkpoint was saved at that point; continue with `headstart train "
+        f"--resume {run.out}`, with fewer loader processes to use less memory: `--resume {run.out} --workers "
+        f"{max(0, workers - 1)}` (now {workers}); a smaller --batch-size (now {run.cfg.batch_size}) needs a "
+        "new run."
     )
 
 

@@ -33,6 +33,7 @@ class RunResults:
     cache_hit_rate: float | None = _f(doc="share of features or prefix maps read from the cache")
     features_extracted: int | None = _f(doc="features (or maps) computed by the backbone in this run")
     features_from_cache: int | None = _f(doc="features (or maps) read from the cache")
+    cache_rows_recomputed: int | None = _f(doc="cached rows found damaged (or missing) and computed again")
     cache_prefix: bool | None = _f(doc="finetune --cache-prefix: trained on cached prefix maps")
     prefix_split: str | None = _f(doc="--cache-prefix: first module of the trainable suffix")
     prefix_map_shape: list[int] | None = _f(doc="--cache-prefix: shape (C, H, W) of one cached map")

@@ -18,6 +18,7 @@ import torch
 
 from headstart.core import logs
 from headstart.core.distributed import barrier, shutdown
+from headstart.core.errors import DiskFull
 from headstart.core.files import CHECKPOINT, CONFIG, read_json
 from headstart.core.metrics import calibration_summary, fit_temperature
 from headstart.models.freezing import compact_names
@@ -25,7 +26,7 @@ from headstart.models.store import save_model
 from headstart.training.loop import logits_of, skipped
 from headstart.training.options import TrainConfig, as_config
 from headstart.training.record import RunResults, TrainResult
-from headstart.training.rundir import write_run_config
+from headstart.training.rundir import recorded, set_status, write_run_config
 from headstart.training.setup import Run, setup_run
 from headstart.training.strategies import select
 from headstart.training.strategies.base import Fitted, Inputs
@@ -49,11 +50,14 @@ def train(
     return run(cfg)
 
 
-def resume(run_dir: str | os.PathLike) -> TrainResult:
-    """Continue a stopped or killed run from its checkpoint, with the options in its config.json."""
+def resume(run_dir: str | os.PathLike, *, num_workers: int | None = None) -> TrainResult:
+    """Continue a stopped or killed run from its checkpoint, with the options in its config.json
+    (loader processes may change: they do not change the result)."""
     run_dir = Path(run_dir)
     cfg = TrainConfig.from_dict(read_json(run_dir / CONFIG)["options"])
     cfg.output = str(run_dir)
+    if num_workers is not None:
+        cfg.num_workers = num_workers
     return run(cfg, resume=True)
 
 
@@ -61,7 +65,7 @@ def run(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Train from a TrainConfig: the body of `train` and `resume`."""
     cfg = cfg.resolved()
     strategy = select(cfg)
-    with torch_settings(deterministic=cfg.deterministic):
+    with torch_settings(deterministic=cfg.deterministic), recorded(Path(cfg.output)):
         r = setup_run(cfg, strategy, resume=resume)
         try:
             inputs = strategy.inputs(r)
@@ -119,16 +123,9 @@ def finish(run: Run, inputs: Inputs, fitted: Fitted) -> TrainResult:
         calibration=calibration,
     )
     if run.dist.is_main:
-        save_model(
-            run.out,
-            model,
-            run.preprocess,
-            strategy=cfg.strategy,
-            temperature=calibration["temperature"] if calibration else 1.0,
-        )
-        results.write(run.out)
-        write_run_config(run.out, cfg.to_dict(), run.device, world_size=run.dist.world)
+        save(run, results, calibration)
         (run.out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: model.safetensors is the result
+        set_status(run.out, "finished")
     barrier(run.dist)
     logs.info(
         f"done: val accuracy {results.val_accuracy:.4f} (epoch {results.best_epoch}), frozen tensors changed "
@@ -136,6 +133,19 @@ def finish(run: Run, inputs: Inputs, fitted: Fitted) -> TrainResult:
         f"-> {run.out}"
     )
     return TrainResult(run.out, results, fitted.metrics)
+
+
+def save(run: Run, results: RunResults, calibration: dict | None) -> None:
+    """model.safetensors, model.json, results.json, config.json; a full disk keeps the checkpoint."""
+    try:
+        temperature = calibration["temperature"] if calibration else 1.0
+        save_model(run.out, run.model, run.preprocess, strategy=run.cfg.strategy, temperature=temperature)
+        results.write(run.out)
+        write_run_config(run.out, run.cfg.to_dict(), run.device, world_size=run.dist.world)
+    except DiskFull as e:
+        then = (f"its checkpoint is kept: free space, then `headstart train --resume {run.out}` saves it"
+                if (run.out / CHECKPOINT).exists() else "free space and train again")  # fmt: skip
+        raise DiskFull(f"{e} Training had finished; {then}.") from e
 
 
 def calibrate(run: Run, inputs: Inputs) -> dict:

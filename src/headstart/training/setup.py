@@ -164,8 +164,10 @@ def check_bad_fraction(bad: list[Skipped], split: DataSplit, limit: float, *, so
 
 
 def split_root(split: DataSplit) -> str:
-    """A folder to point the doctor at."""
+    """The folder to point the doctor at: the dataset root (older split.json: the items' common folder)."""
     import os
 
+    if split.root:
+        return split.root
     paths = [p for p, _ in split.train[:1] + split.val[:1]]
     return os.path.commonpath(paths) if paths else "DATA"
