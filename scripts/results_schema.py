@@ -1,6 +1,6 @@
 """Regenerate the results.json table in docs/run-folder.md from headstart.RunResults (its one source).
 
-    python scripts/results_schema.py        # rewrites the table between the markers
+python scripts/results_schema.py        # rewrites the table between the markers
 """
 
 from pathlib import Path
