@@ -150,5 +150,5 @@ def worker_death(e: BaseException) -> str | None:
     elif "Terminated" in msg or "SIGTERM" in msg:
         cause = "SIGTERM reached the worker (a job scheduler, or `kill` on the process list)"
     else:
-        cause = "it may have run out of memory, or been killed"
+        cause = "it was killed or crashed: most often by the kernel's out-of-memory killer"
     return f"a data-loading worker process died ({first}); {cause}"

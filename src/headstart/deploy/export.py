@@ -23,7 +23,15 @@ from torch import nn
 from torchvision import transforms as T
 
 from headstart.core.errors import ConfigError, HeadstartError
-from headstart.core.files import MODEL_JSON, SPLIT, WEIGHTS, atomic_write_bytes, read_json, write_json
+from headstart.core.files import (
+    MODEL_JSON,
+    SPLIT,
+    WEIGHTS,
+    atomic_write_bytes,
+    read_json,
+    require_finished,
+    write_json,
+)
 from headstart.core.metrics import probabilities
 from headstart.data.images import load_image
 from headstart.data.transforms import Preprocess, eval_transform
@@ -150,6 +158,7 @@ def export(
     if format not in FORMATS:
         raise ConfigError(f"Unknown export format {format!r}; use one of {', '.join(FORMATS)}.")
     run_dir = Path(run_dir)
+    require_finished(run_dir)
     record = read_json(run_dir / MODEL_JSON)
     path = Path(output) if output else run_dir / DEFAULT_NAMES[format]
     original = load(run_dir, device="cpu", fast=False)  # parity: fp32 CPU, the model as stored

@@ -28,6 +28,7 @@ from headstart.core.files import (
     atomic_write_bytes,
     csv_cell,
     read_json,
+    require_finished,
 )
 from headstart.core.metrics import calibration_summary, fit_temperature
 from headstart.data.images import load_image
@@ -52,6 +53,7 @@ def build_report(
 ) -> Path:
     """Write RUN/report.html, its PNGs, suspect_labels.csv and evaluation.json; returns the HTML path."""
     run_dir = Path(run_dir)
+    require_finished(run_dir)
     model = read_json(run_dir / MODEL_JSON)
     results = RunResults.read(run_dir) if (run_dir / RESULTS).exists() else RunResults()
     predictor, lg = run_logits(
