@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -208,3 +209,37 @@ def test_cache_info_prune_clear(warm):
     assert r.returncode == 0 and "1 unused entries" in r.stdout and not _shards(cache)
     r = run_cli("cache", "clear", "--cache-dir", cache)
     assert r.returncode == 0 and "removed every entry" in r.stdout
+
+
+@pytest.mark.slow
+def test_concurrent_runs_sharing_a_cache_agree_and_leave_no_unreferenced_shards(tiny_split, tmp_path):
+    """Three runs extract the same images at once: the index ends up pointing at one shard per
+    image, and the shards the others wrote are removed the next time the cache is opened."""
+    from conftest import cli_env
+
+    cache = tmp_path / "cache"
+    args = [
+        "--backbone",
+        TINY,
+        "--weights",
+        "none",
+        "--epochs",
+        "2",
+        "--workers",
+        "0",
+        "--cache-dir",
+        str(cache),
+    ]
+    procs = [subprocess.Popen([sys.executable, "-m", "headstart", "train", str(tiny_split), "-o",
+                               str(tmp_path / f"r{i}"), *args], env=cli_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]  # fmt: skip
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+    weights = {(tmp_path / f"r{i}" / "model.safetensors").read_bytes() for i in range(3)}
+    assert len(weights) == 1
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    fc = FeatureCache(cache, folder.name)  # opening cleans what no row refers to
+    referenced = {s for (s,) in fc._db.execute("SELECT DISTINCT shard FROM features")}
+    present = {p.name for p in (folder / "shards").glob("*.npy")}
+    assert present == referenced and all(fc.verify(s) for s in present)
+    fc.close()
