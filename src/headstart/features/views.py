@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from headstart.core import logs
 from headstart.core.distributed import DistInfo, all_gather_objects, shard
 from headstart.data.layout import DataSplit, Skipped
+from headstart.data.loading import Batch
 from headstart.data.transforms import Augment, Preprocess, eval_transform, train_transform
 from headstart.features.cache import FeatureCache, default_cache_dir, model_key, weights_checksum
 from headstart.features.extract import Features, cache_stats, extract_features
@@ -54,10 +55,45 @@ class FeatureDataset(Dataset):
             x = x if v == 0 else self.views[v - 1]
         return x[i].float(), int(self.y[i]), int(self.index[i]), None
 
+    def take(self, rows: list[int]) -> torch.Tensor:
+        """Features [len(rows), D] as float32, each row in this epoch's view (as __getitem__ serves it)."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        x = self.x[idx].float()
+        if self.views:
+            k = 1 + len(self.views)
+            pick = torch.tensor([zlib.crc32(f"{self.seed}:{self.epoch}:{int(self.index[i])}".encode()) % k
+                                 for i in rows])  # fmt: skip
+            for v, view in enumerate(self.views, start=1):
+                chosen = pick == v
+                if chosen.any():
+                    x[chosen] = view[idx[chosen]].float()
+        return x
+
     def all_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every view as a sample: (x, y, image index) for the linear probe."""
         k = 1 + len(self.views)
         return torch.cat([self.x, *self.views]), self.y.repeat(k), self.index.repeat(k)
+
+
+class FeatureBatches:
+    """Batches of in-memory features, sliced from the tensors: what a DataLoader over a FeatureDataset
+    gives (same order, same batches, same values), without a Python call and a collate per sample."""
+
+    def __init__(self, ds: FeatureDataset, order, *, batch_size: int, drop_last: bool = False):
+        self.ds, self.order, self.batch_size, self.drop_last = ds, order, batch_size, drop_last
+        self.sampler = order  # the loop sets the sampler's epoch and start position
+
+    def __len__(self) -> int:
+        n = len(self.order)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        rows = list(self.order)
+        end = len(rows) - len(rows) % self.batch_size if self.drop_last else len(rows)
+        for start in range(0, end, self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            x = self.ds.take(chunk)
+            yield Batch(x, self.ds.y[chunk], self.ds.index[chunk], [])
 
 
 @dataclass

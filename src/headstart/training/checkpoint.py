@@ -36,6 +36,7 @@ class ResumableSampler(Sampler[int]):
     def __init__(self, n: int, *, seed: int):
         self.n, self.seed = n, seed
         self.epoch, self.start = 1, 0
+        self._orders: list[list[int]] = []  # epochs 1.. computed so far
 
     def set_epoch(self, epoch: int, *, start: int = 0) -> None:
         """Iterate epoch `epoch`'s order from position `start`."""
@@ -57,8 +58,10 @@ class ResumableSampler(Sampler[int]):
             yield perm
 
     def order(self, epoch: int) -> list[int]:
-        """The full order of `epoch`."""
-        return list(self.orders(epoch))[-1]
+        """The full order of `epoch` (computed once: head training asks every epoch)."""
+        if len(self._orders) < epoch:
+            self._orders = list(self.orders(epoch))
+        return self._orders[epoch - 1]
 
     def __iter__(self):
         return iter(self.order(self.epoch)[self.start :])

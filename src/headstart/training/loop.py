@@ -25,6 +25,7 @@ from headstart.core.files import CHECKPOINT, METRICS
 from headstart.data.images import explain_failure, load_image
 from headstart.data.layout import Skipped
 from headstart.data.loading import default_workers, make_loader, worker_death
+from headstart.features.views import FeatureBatches, FeatureDataset
 from headstart.models.freezing import frozen_tensor_names
 from headstart.training.checkpoint import (
     ResumableSampler,
@@ -229,6 +230,11 @@ def loaders(run: Run, inputs: Inputs):
         else ResumableSampler(len(inputs.train), seed=cfg.seed)
     )
     per_rank = len(inputs.train) // dist.world
+    drop_last = per_rank > cfg.batch_size
+    val_rows = shard(list(range(len(inputs.val))), dist)
+    if isinstance(inputs.train, FeatureDataset):  # features in memory: slice batches, no DataLoader
+        train = FeatureBatches(inputs.train, sampler, batch_size=cfg.batch_size, drop_last=drop_last)
+        return train, sampler, FeatureBatches(inputs.val, val_rows, batch_size=max(cfg.batch_size, 64))
     train = make_loader(
         inputs.train,
         batch_size=cfg.batch_size,
@@ -237,10 +243,10 @@ def loaders(run: Run, inputs: Inputs):
         num_workers=inputs.workers,
         seed=cfg.seed,
         pin_memory=pin,
-        drop_last=per_rank > cfg.batch_size,
+        drop_last=drop_last,
     )
     val = make_loader(
-        Subset(inputs.val, shard(list(range(len(inputs.val))), dist)),
+        Subset(inputs.val, val_rows),
         batch_size=max(cfg.batch_size, 64),
         shuffle=False,
         num_workers=inputs.workers,
