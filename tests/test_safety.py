@@ -148,7 +148,7 @@ def test_deterministic_flag_turns_on_torch_deterministic_algorithms(tiny_split, 
     class Seen(Exception):
         pass
 
-    def setup_run(cfg, strategy, resume):
+    def setup_run(cfg, strategy, resume, **kw):
         seen.append(torch.are_deterministic_algorithms_enabled())
         raise Seen
 

@@ -184,6 +184,13 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=c.cmd_export)
 
 
+def _plan_parser(p: argparse.ArgumentParser) -> None:
+    from headstart.training.options import TrainConfig
+
+    only = ("data", "budget", "backbone", "weights", "val", "val_fraction", "seed", "device")
+    p.set_defaults(option_dests=add_fields(p, TrainConfig, only=only, suppress=True), func=c.cmd_plan)
+
+
 def _cache_parser(p: argparse.ArgumentParser) -> None:
     from headstart.training.options import TrainConfig
 
@@ -213,6 +220,7 @@ COMMANDS = (
     ("compare", "train several strategies/backbones on one split, tabulate", _compare_parser),
     ("export", "export a run to ONNX / TorchScript / safetensors, with a parity check", _export_parser),
     ("cache", "show or clean the feature cache", _cache_parser),
+    ("plan", "what `--strategy auto` would try on DATA within --budget, and what each costs", _plan_parser),
 )
 
 

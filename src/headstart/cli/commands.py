@@ -134,8 +134,15 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if a.csv:
         from headstart.deploy.batch import predict_to_csv
 
-        summary = predict_to_csv(predictor, a.inputs, a.csv, top_k=a.top_k, batch_size=a.batch_size,
-                                 num_workers=a.num_workers, resume=a.resume)  # fmt: skip
+        summary = predict_to_csv(
+            predictor,
+            a.inputs,
+            a.csv,
+            top_k=a.top_k,
+            batch_size=a.batch_size,
+            num_workers=a.num_workers,
+            resume=a.resume,
+        )
         print(summary.describe())
         return 0
     paths = image_paths(a.inputs)
@@ -266,4 +273,39 @@ def cmd_cache(a: argparse.Namespace) -> int:
         )
     else:
         print(f"removed every entry: {clear(root) / 1e6:.1f} MB freed in {root}")
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    """headstart plan."""
+    from headstart.training.auto.search import preview
+    from headstart.training.options import TrainConfig
+
+    cfg = TrainConfig(strategy="auto").with_overrides(given(a, a.option_dests)).resolved()
+    p = preview(cfg)
+    prof, sp = p["profile"], p["speed"]
+    print(
+        f"data: {prof['num_train']} train / {prof['num_val']} val images, {prof['classes']} classes "
+        f"(smallest {prof['smallest_class']}), median shorter side {prof['short_side']} px"
+    )
+    print(
+        f"machine: {sp['device']}, {sp['threads']} threads, {sp['workers']} loader workers; measured in "
+        f"{sp['seconds']:.1f}s"
+    )
+    print(
+        f"budget {p['budget_seconds'] / 60:.1f} min; inner split of the training images: "
+        f"{p['inner_split']['train']} / {p['inner_split']['val']} (the validation split is not read)"
+    )
+    pilots = (
+        f"on {p['pilot_images']} images, predicted {p['pilot_seconds']:.0f}s" if p["pilot_images"] else "none"
+    )
+    print(
+        f"stage 1, pilots (2 epochs): {pilots}; stage 2: the best third on all inner images; "
+        "then the winner on all training images"
+    )
+    print(f"{'candidate':<62}{'pilot s':>9}{'final epochs':>14}{'final s':>9}")
+    for r in p["candidates"]:
+        pilot = f"{r['pilot_seconds']:.0f}" if r["pilot_seconds"] is not None else "-"
+        mark = "" if r["affordable"] else "  (over budget)"
+        print(f"{r['name'][:61]:<62}{pilot:>9}{r['final_epochs']:>14}{r['final_seconds']:>9.0f}{mark}")
     return 0

@@ -14,7 +14,7 @@ from headstart.core.errors import DataError, DiskFull
 # The run folder: what each file is called (docs/run-folder.md describes them).
 CONFIG, METRICS, RESULTS, SPLIT = "config.json", "metrics.csv", "results.json", "split.json"
 WEIGHTS, MODEL_JSON, CHECKPOINT = "model.safetensors", "model.json", "checkpoint.pt"
-EVALUATION, STATUS = "evaluation.json", "status.json"
+EVALUATION, STATUS, PLAN = "evaluation.json", "status.json", "plan.json"
 RUN_FILES = (CONFIG, RESULTS, CHECKPOINT, STATUS, WEIGHTS, MODEL_JSON)  # any of them: a headstart run folder
 
 

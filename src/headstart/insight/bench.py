@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from headstart.core.device import autocast_for, configure_threads, pick_device
+from headstart.core.timing import images_per_second
 from headstart.models.backbones import create_backbone
 from headstart.models.fastpath import inference_model
 from headstart.models.freezing import train_everything, unfreeze_last
 from headstart.models.heads import HeadSpec
 from headstart.models.transfer import TransferModel
-
-
-def _rate(step, batch: int, *, min_seconds: float, device: torch.device) -> float:
-    step()  # warm-up: allocator, kernel selection
-    n, start = 0, time.perf_counter()
-    while True:
-        step()
-        n += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds and n >= 2:
-            return n * batch / elapsed
 
 
 def bench(
@@ -53,7 +39,7 @@ def bench(
         with torch.inference_mode(), autocast_for(dev):
             net(x)
 
-    out["inference_img_s"] = _rate(infer, bs, min_seconds=min_seconds, device=dev)
+    out["inference_img_s"] = images_per_second(infer, bs, min_seconds=min_seconds, device=dev)
     for strategy in ("finetune", "full"):
         model = TransferModel.build(create_backbone(backbone, weights=weights), HeadSpec(), ["a", "b"])
         unfreeze_last(model, unfreeze) if strategy == "finetune" else train_everything(model)
@@ -68,5 +54,5 @@ def bench(
             opt.step()
 
         key = f"train_{strategy}{unfreeze if strategy == 'finetune' else ''}_img_s"
-        out[key] = _rate(step, bs, min_seconds=min_seconds, device=dev)
+        out[key] = images_per_second(step, bs, min_seconds=min_seconds, device=dev)
     return out

@@ -68,33 +68,15 @@ def fit(run: Run, inputs: Inputs) -> Fitted:
             try:
                 tr = train_epoch(net, train_loader, state, epoch, totals, stop)
                 va = validate(net, val_loader, run, state.bad_files)
+            except OutOfTime:
+                run.out_of_time = True
+                break
             except RuntimeError as e:  # a loader worker died: keep the position, say what to do
                 if (why := worker_death(e)) is None:
                     raise
                 state.save(epoch, totals)
                 raise worker_died(why, run, inputs) from e
-            check_bad_fraction(skipped(state.bad_files), run.split, cfg.max_bad_fraction)
-            metrics.add(
-                {
-                    "epoch": epoch,
-                    "train_loss": round(tr["loss"], 6),
-                    "train_acc": round(tr["acc"], 6),
-                    "val_loss": round(va["loss"], 6),
-                    "val_acc": round(va["acc"], 6),
-                    "lr": totals["lr"],
-                    "seconds": round(time.perf_counter() - t0, 3),
-                }
-            )
-            improved = state.keep_best(epoch, va)
-            logs.info(
-                f"epoch {epoch:>3}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
-                f"val loss {va['loss']:.4f} acc {va['acc']:.4f}  {time.perf_counter() - t0:.1f}s"
-                + ("  *" if improved else "")
-            )
-            stop_early = bool(cfg.patience and epoch - state.best["epoch"] >= cfg.patience)
-            state.save(cfg.epochs + 1 if stop_early else epoch + 1, None)
-            if stop_early:
-                logs.info(f"early stop: no val improvement for {cfg.patience} epochs")
+            if state.end_epoch(epoch, tr, va, totals["lr"], t0, metrics):
                 break
             if stop:
                 raise interrupted(stop.signal, run, epoch + 1, 0, len(train_loader))
@@ -136,9 +118,20 @@ def train_epoch(net: nn.Module, loader, state: LoopState, epoch: int, totals: di
             check_bad_fraction(skipped(state.bad_files), run.split, cfg.max_bad_fraction, so_far=True)
         if stop or (every and ((epoch - 1) * per_epoch + totals["batches"]) % every == 0):
             state.save(epoch, totals)
-        if stop:
+        budgeted = run.deadline is not None and state.best["epoch"] > 0
+        if stop and not budgeted:
             raise interrupted(stop.signal, run, epoch, totals["batches"], per_epoch)
+        # under a budget (auto) Ctrl-C ends training like the deadline does: the best epoch is the model
+        if budgeted and (stop or time.monotonic() > run.deadline):
+            logs.info(
+                f"budget: the time is up in epoch {epoch}; the best epoch ({state.best['epoch']}) is kept"
+            )
+            raise OutOfTime
     return epoch_result(totals, run)
+
+
+class OutOfTime(Exception):
+    """The budget's deadline passed mid-epoch (after at least one whole epoch): training ends."""
 
 
 class LoopState:
@@ -166,6 +159,30 @@ class LoopState:
             val_acc=va["acc"], val_loss=va["loss"], epoch=epoch, state=trainable_state(self.run.model)
         )
         return True
+
+    def end_epoch(self, epoch: int, tr: dict, va: dict, lr: float, t0: float, metrics: MetricsLog) -> bool:
+        """The epoch's row, the best weights, the checkpoint; True when training ends here (early stop,
+        or another epoch would overrun the budget)."""
+        run, cfg = self.run, self.run.cfg
+        check_bad_fraction(skipped(self.bad_files), run.split, cfg.max_bad_fraction)
+        seconds = time.perf_counter() - t0
+        metrics.add({"epoch": epoch, "train_loss": round(tr["loss"], 6), "train_acc": round(tr["acc"], 6),
+                     "val_loss": round(va["loss"], 6), "val_acc": round(va["acc"], 6), "lr": lr,
+                     "seconds": round(seconds, 3)})  # fmt: skip
+        improved = self.keep_best(epoch, va)
+        mark = "  *" if improved else ""
+        logs.info(f"epoch {epoch:>3}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  val loss "
+                  f"{va['loss']:.4f} acc {va['acc']:.4f}  {seconds:.1f}s{mark}")  # fmt: skip
+        stop_early = bool(cfg.patience and epoch - self.best["epoch"] >= cfg.patience)
+        # the budget: another epoch like this one would end after the deadline
+        late = run.deadline is not None and time.monotonic() + seconds > run.deadline
+        run.out_of_time = late and epoch < cfg.epochs
+        self.save(cfg.epochs + 1 if stop_early or run.out_of_time else epoch + 1, None)
+        if stop_early:
+            logs.info(f"early stop: no val improvement for {cfg.patience} epochs")
+        elif run.out_of_time:
+            logs.info(f"budget: stopping after epoch {epoch}; the best epoch ({self.best['epoch']}) is kept")
+        return stop_early or run.out_of_time
 
     def save(self, epoch: int, totals: dict | None) -> None:
         """Write checkpoint.pt (rank 0): continue at `epoch`, with `totals` of a part-done epoch."""

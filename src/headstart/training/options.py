@@ -21,6 +21,7 @@ from headstart.data.transforms import Augment
 from headstart.features.views import FeatureOptions
 from headstart.models.config import DEFAULT_BACKBONE
 from headstart.models.heads import HeadSpec
+from headstart.training.auto.budget import parse_duration
 from headstart.training.strategies.base import get_strategy, public_names
 
 OPT, RUN, AUG = "optimisation", "run", "augmentation (training images)"
@@ -107,6 +108,12 @@ class TrainConfig:
     patience: int | None = option(
         None, group=OPT, min=1, help="early stop after this many epochs without val improvement"
     )
+    budget: str = option(
+        "10m",
+        group=OPT,
+        metavar="DURATION",
+        help="--strategy auto: the time to spend, searching and training together (90s, 10m, 1h, 1h30m)",
+    )
     augment: Augment = option(help="training augmentations", group=AUG, default_factory=Augment)
     # run
     seed: int = option(0, group=RUN, help="seed of the split, the shuffles, augmentation and init")
@@ -161,6 +168,7 @@ class TrainConfig:
         c.epochs = c.epochs if c.epochs is not None else strategy.default_epochs
         c.lr = c.lr if c.lr is not None else strategy.default_lr
         HeadSpec.parse(c.head, dropout=c.dropout)  # a malformed --head fails here, before any work
+        parse_duration(c.budget)
         _cross_checks(c)
         return c
 

@@ -61,6 +61,10 @@ class RunResults:
     resumes: int = _f(0, doc="times the run was resumed from a checkpoint")
     world_size: int | None = _f(doc="processes under torchrun (absent for one process)")
     calibration: dict | None = _f(doc="temperature scaling: temperature, ECE and NLL before/after")
+    plan: dict | None = _f(
+        doc="--strategy auto: what was measured, every candidate's inner score and time, "
+        "the chosen recipe, predicted and actual time of each stage"
+    )
 
     def to_dict(self) -> dict:
         """results.json content: None fields left out."""

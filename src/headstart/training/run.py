@@ -21,6 +21,7 @@ from headstart.core.distributed import barrier, shutdown
 from headstart.core.errors import DiskFull
 from headstart.core.files import CHECKPOINT, CONFIG, read_json
 from headstart.core.metrics import calibration_summary, fit_temperature
+from headstart.data.layout import DataSplit
 from headstart.models.freezing import compact_names
 from headstart.models.store import save_model
 from headstart.training.loop import logits_of, skipped
@@ -61,12 +62,25 @@ def resume(run_dir: str | os.PathLike, *, num_workers: int | None = None) -> Tra
     return run(cfg, resume=True)
 
 
-def run(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
-    """Train from a TrainConfig: the body of `train` and `resume`."""
+def run(cfg: TrainConfig, *, resume: bool = False, split: DataSplit | None = None) -> TrainResult:
+    """Train from a TrainConfig: the body of `train` and `resume`. `split` replaces the data folder's
+    own split (auto's pilots train on an inner split of the training images)."""
     cfg = cfg.resolved()
     strategy = select(cfg)
+    plan = None
+    if hasattr(strategy, "choose") and not resume:  # auto: choose the recipe, then train it in the budget
+        plan = strategy.choose(cfg, run=run)
+        cfg, split = plan.config.resolved(), plan.split
+    strategy = select(cfg)
     with torch_settings(deterministic=cfg.deterministic), recorded(Path(cfg.output)):
-        r = setup_run(cfg, strategy, resume=resume)
+        r = setup_run(
+            cfg,
+            strategy,
+            resume=resume,
+            split=split,
+            plan=plan.record if plan else None,
+            deadline=plan.deadline if plan else None,
+        )
         try:
             inputs = strategy.inputs(r)
             fitted = strategy.fit(r, inputs)
@@ -119,6 +133,7 @@ def finish(run: Run, inputs: Inputs, fitted: Fitted) -> TrainResult:
         classes=run.split.classes,
         skipped_files=[s.to_dict() for s in run.skipped + inputs.failed + skipped(fitted.bad_files)],
         resumes=fitted.resumes,
+        plan=finished_plan(run, fitted),
         world_size=run.dist.world if run.dist.enabled else None,
         calibration=calibration,
     )
@@ -135,6 +150,16 @@ def finish(run: Run, inputs: Inputs, fitted: Fitted) -> TrainResult:
     return TrainResult(run.out, results, fitted.metrics)
 
 
+def finished_plan(run: Run, fitted: Fitted) -> dict | None:
+    """auto's plan record with the final run's actual time and whether the budget cut it short."""
+    if run.plan is None:
+        return None
+    seconds = round(time.perf_counter() - run.started, 1)
+    return run.plan | {
+        "final": run.plan.get("final", {}) | {"actual_seconds": seconds, "stopped_by_budget": run.out_of_time}
+    }
+
+
 def save(run: Run, results: RunResults, calibration: dict | None) -> None:
     """model.safetensors, model.json, results.json, config.json; a full disk keeps the checkpoint."""
     try:
@@ -143,8 +168,11 @@ def save(run: Run, results: RunResults, calibration: dict | None) -> None:
         results.write(run.out)
         write_run_config(run.out, run.cfg.to_dict(), run.device, world_size=run.dist.world)
     except DiskFull as e:
-        then = (f"its checkpoint is kept: free space, then `headstart train --resume {run.out}` saves it"
-                if (run.out / CHECKPOINT).exists() else "free space and train again")  # fmt: skip
+        then = (
+            f"its checkpoint is kept: free space, then `headstart train --resume {run.out}` saves it"
+            if (run.out / CHECKPOINT).exists()
+            else "free space and train again"
+        )
         raise DiskFull(f"{e} Training had finished; {then}.") from e
 
 

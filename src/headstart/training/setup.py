@@ -20,7 +20,7 @@ from headstart.core import logs
 from headstart.core.device import configure_threads, pick_device
 from headstart.core.distributed import DistInfo, barrier, init_distributed
 from headstart.core.errors import DataError
-from headstart.core.files import SPLIT, read_json, write_json
+from headstart.core.files import PLAN, SPLIT, read_json, write_json
 from headstart.core.metrics import balanced_class_weights
 from headstart.data.layout import DataSplit, Skipped, resolve_data
 from headstart.data.transforms import Preprocess
@@ -54,6 +54,9 @@ class Run:
     resume: bool = False
     started: float = field(default_factory=time.perf_counter)
     skipped: list[Skipped] = field(default_factory=list)  # files left out so far, with reasons
+    plan: dict | None = None  # --strategy auto: how this recipe was chosen (plan.json)
+    deadline: float | None = None  # time.monotonic() by which training must stop (auto's budget)
+    out_of_time: bool = False  # the deadline ended training early (the best epoch so far was kept)
 
     @property
     def backbone(self) -> Backbone:
@@ -81,8 +84,18 @@ def preprocess_of(backbone: Backbone, image_size: int | None = None) -> Preproce
     return Preprocess(image_size or c.input_size, c.mean, c.std, c.interpolation, c.crop_pct)
 
 
-def setup_run(cfg: TrainConfig, strategy: Strategy, *, resume: bool = False) -> Run:
-    """Everything before training, for a resolved config; writes config.json and split.json."""
+def setup_run(
+    cfg: TrainConfig,
+    strategy: Strategy,
+    *,
+    resume: bool = False,
+    split: DataSplit | None = None,
+    plan: dict | None = None,
+    deadline: float | None = None,
+) -> Run:
+    """Everything before training, for a resolved config; writes config.json and split.json (and
+    auto's plan.json). `split` replaces the data folder's own split; `deadline` (time.monotonic)
+    is when training must stop, keeping the best epoch so far."""
     started = time.perf_counter()
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)  # torchrun: one process per device, rank 0 writes
@@ -99,13 +112,7 @@ def setup_run(cfg: TrainConfig, strategy: Strategy, *, resume: bool = False) -> 
     if dist.is_main and not resume:
         write_run_config(out, cfg.to_dict(), device)  # --resume reads the options back
 
-    # data: a resumed run reuses the exact file lists it started with
-    if resume and (out / SPLIT).is_file():
-        split = DataSplit.from_dict(read_json(out / SPLIT))
-    else:
-        split = resolve_data(cfg.data, val=cfg.val, val_fraction=cfg.val_fraction, seed=cfg.seed)
-        if dist.is_main:
-            write_json(out / SPLIT, split.to_dict())
+    split, plan = _split_and_plan(cfg, out, dist, resume, split, plan)
 
     # model: backbone, new head, freezing, then the proof of what must not change
     backbone = backbone_for(cfg, pretrained=strategy.pretrained)
@@ -129,7 +136,7 @@ def setup_run(cfg: TrainConfig, strategy: Strategy, *, resume: bool = False) -> 
         f"{len(split.train)} train / {len(split.val)} val images, {len(split.classes)} classes, "
         f"device {device}, {threads} threads" + (f", {dist.world} processes" if dist.enabled else "")
     )
-    return Run(
+    r = Run(
         cfg,
         strategy,
         out,
@@ -148,6 +155,8 @@ def setup_run(cfg: TrainConfig, strategy: Strategy, *, resume: bool = False) -> 
         started,
         list(split.skipped),
     )
+    r.plan, r.deadline = plan, deadline
+    return r
 
 
 def check_bad_fraction(bad: list[Skipped], split: DataSplit, limit: float, *, so_far: bool = False) -> None:
@@ -171,3 +180,20 @@ def split_root(split: DataSplit) -> str:
         return split.root
     paths = [p for p, _ in split.train[:1] + split.val[:1]]
     return os.path.commonpath(paths) if paths else "DATA"
+
+
+def _split_and_plan(cfg: TrainConfig, out: Path, dist: DistInfo, resume: bool, split: DataSplit | None,
+                    plan: dict | None) -> tuple[DataSplit, dict | None]:  # fmt: skip
+    """The run's split (a resumed run reuses the exact file lists it started with) and auto's plan,
+    written to split.json and plan.json (or read back from them on --resume)."""
+    if resume and (out / SPLIT).is_file():
+        split = DataSplit.from_dict(read_json(out / SPLIT))
+    else:
+        split = split or resolve_data(cfg.data, val=cfg.val, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        if dist.is_main:
+            write_json(out / SPLIT, split.to_dict())
+    if resume and (out / PLAN).is_file():
+        plan = read_json(out / PLAN)
+    elif plan is not None and dist.is_main:
+        write_json(out / PLAN, plan)
+    return split, plan

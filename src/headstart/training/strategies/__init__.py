@@ -3,6 +3,7 @@
 A new strategy is a module with a Strategy subclass (freeze, inputs, fit) and a line below.
 """
 
+from headstart.training.strategies.auto import Auto
 from headstart.training.strategies.base import (
     REGISTRY,
     Strategy,
@@ -24,5 +25,6 @@ register(Finetune())
 register(FinetuneCachedPrefix())
 register(Full())
 register(Scratch())
+register(Auto())
 
 __all__ = ["REGISTRY", "Strategy", "get_strategy", "public_names", "select"]

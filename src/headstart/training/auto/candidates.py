@@ -1,0 +1,102 @@
+"""The recipes `auto` considers, and what each costs on this machine (seconds, from measured speeds).
+
+Three kinds, by what the epochs read:
+  features  the frozen backbone runs once per image (cached); a head or a linear probe trains on it
+  prefix    the frozen first blocks run once per image (cached maps); the last 1-3 groups train
+  images    images decoded and augmented every epoch; the last groups (or all) train
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from headstart.training.auto.profile import REFERENCE, DataProfile, Speed
+
+BASE = "efficientnet_lite0"
+LARGER = {"efficientnet_lite1": 240, "efficientnet_lite2": 260}  # other embedded backbones, native size
+RUN_OVERHEAD = 3.0  # seconds every run spends outside its epochs (model, setup, files)
+HEAD_RATE = 1e5  # images/s of head epochs on cached features (linear head, batch 32, 2 cores)
+
+
+@dataclass
+class Candidate:
+    """One recipe: TrainConfig options, and what its time is made of."""
+
+    name: str
+    kind: str  # features | prefix | images
+    options: dict
+    size: int
+    backbone: str = BASE
+    groups: int = 0  # trainable block groups (prefix, images)
+    scores: list[dict] = field(default_factory=list)  # one entry per search stage it ran in
+
+    def epochs(self, stage_epochs: int | None) -> int:
+        """Epochs a run of this recipe trains for (head epochs of features keep their default)."""
+        return 30 if self.kind == "features" else max(1, stage_epochs or 1)
+
+
+def sizes_for(profile: DataProfile) -> list[int]:
+    """Input sizes worth trying, from the images themselves: small images need not be blown up to
+    224, but pretrained filters see better at some upscaling (e.g. 32 px -> 128 and 192)."""
+    side = profile.short_side
+    if side >= 180:
+        return [224]
+    if side >= 96:
+        return [160, 224]
+    return [128, 192]
+
+
+def grid(profile: DataProfile, speed: Speed, backbone: str = BASE) -> list[Candidate]:
+    """Every recipe worth a pilot on this data (the budget decides which are affordable)."""
+    sizes = sizes_for(profile)
+    big = sizes[-1]
+    c = [
+        Candidate("extract", "features", {"strategy": "extract"}, REFERENCE, backbone),
+        Candidate(
+            "extract, 3 blocks", "features", {"strategy": "extract", "feature_blocks": 3}, REFERENCE, backbone
+        ),
+        Candidate("linear probe", "features", {"strategy": "linear-probe"}, REFERENCE, backbone),
+    ]
+    for size in sizes:
+        c.append(_prefix(backbone, 2, size, 1.0))
+    c += [_prefix(backbone, 1, big, 1.0), _prefix(backbone, 3, big, 1.0), _prefix(backbone, 2, big, 0.1)]
+    augmented = {"strategy": "finetune", "unfreeze": 2, "image_size": big, "backbone_lr_mult": 1.0}
+    c.append(
+        Candidate(f"finetune 2 groups, augmented, {big}px", "images", augmented, big, backbone, groups=2)
+    )
+    for name, size in LARGER.items():  # measured only when the budget allows them
+        if name in speed.forward and name != backbone:
+            options = {"strategy": "extract", "backbone": name}
+            c.append(Candidate(f"extract {name}", "features", options, size, backbone=name))
+    return c
+
+
+def _prefix(backbone: str, groups: int, size: int, mult: float) -> Candidate:
+    options = {
+        "strategy": "finetune",
+        "cache_prefix": True,
+        "unfreeze": groups,
+        "image_size": size,
+        "backbone_lr_mult": mult,
+    }
+    name = f"finetune {groups} groups on cached maps, {size}px, backbone lr x{mult:g}"
+    return Candidate(name, "prefix", options, size, backbone, groups=groups)
+
+
+def seconds(c: Candidate, speed: Speed, *, n: int, m: int, epochs: int, cached: float = 0.0) -> float:
+    """Predicted wall time of one run of `c` on n training and m validation images.
+
+    `cached` is the share of the images whose features (or maps) are already in the cache.
+    """
+    px = (c.size / REFERENCE) ** 2
+    forward = speed.forward[c.backbone] / px
+    extract = (n + m) * (1 - cached) / max(1e-6, min(forward, speed.decode))
+    epochs = c.epochs(epochs)
+    if c.kind == "features":
+        fit = (0.5 + 0.005 * min(n, 10_000) + 0.002 * n) if c.options["strategy"] == "linear-probe" else 0.0
+        return RUN_OVERHEAD + extract + epochs * (n + m) / HEAD_RATE + fit
+    if c.kind == "prefix":
+        train = speed.suffix_train[c.groups] / px
+        return RUN_OVERHEAD + extract + epochs * (n / train + m / (3 * train))
+    train = min(speed.image_train[c.groups] / px, speed.decode)
+    return RUN_OVERHEAD + epochs * (n / train + m / min(forward, speed.decode))

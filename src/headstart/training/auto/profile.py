@@ -1,0 +1,164 @@
+"""What the planner measures before it plans: the data (counts, image sizes) and this machine's speed
+for each kind of work a candidate does (decoding, backbone forward, training steps)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from PIL import Image
+
+from headstart.core import logs
+from headstart.core.device import autocast_for, available_cores, configure_threads, pick_device
+from headstart.core.timing import images_per_second
+from headstart.data.images import load_image
+from headstart.data.layout import DataSplit
+from headstart.data.loading import default_workers
+from headstart.data.transforms import Preprocess, eval_transform
+from headstart.features.prefix import split_model
+from headstart.models.backbones import create_backbone
+from headstart.models.fastpath import inference_model
+from headstart.models.freezing import unfreeze_last
+from headstart.models.heads import HeadSpec
+from headstart.models.transfer import TransferModel
+
+REFERENCE = 224  # rates are measured at this input size and scaled by pixels for others
+
+
+@dataclass
+class DataProfile:
+    """The training data as the planner sees it."""
+
+    num_train: int
+    num_val: int
+    classes: int
+    smallest_class: int
+    short_side: int  # median shorter side of a sample of the images, in pixels
+
+    @classmethod
+    def of(cls, split: DataSplit, *, sample: int = 200) -> DataProfile:
+        """Counts from the split; image sizes from the headers of up to `sample` files (no decoding)."""
+        sides = []
+        step = max(1, len(split.train) // sample)
+        for path, _ in split.train[::step][:sample]:
+            try:
+                with Image.open(path) as im:
+                    sides.append(min(im.size))
+            except Exception:  # noqa: BLE001 - an unreadable file is the doctor's business, not the plan's
+                continue
+        counts = list(split.counts("train").values())
+        return cls(
+            len(split.train),
+            len(split.val),
+            len(split.classes),
+            min(counts),
+            int(statistics.median(sides)) if sides else REFERENCE,
+        )
+
+
+@dataclass
+class Speed:
+    """Images per second on this machine, at REFERENCE px unless a key says otherwise."""
+
+    device: str
+    threads: int
+    workers: int
+    decode: float  # images/s that the loader processes together decode and transform
+    forward: dict[str, float] = field(default_factory=dict)  # backbone -> inference img/s
+    suffix_train: dict[int, float] = field(default_factory=dict)  # unfrozen groups -> img/s on cached maps
+    image_train: dict[int, float] = field(default_factory=dict)  # unfrozen groups -> img/s on images
+    seconds: float = 0.0  # what measuring cost
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form."""
+        return asdict(self)
+
+
+def measure(
+    split: DataSplit,
+    backbones: list[str],
+    *,
+    device: str = "auto",
+    groups=(1, 2, 3),
+    min_seconds: float = 0.6,
+    weights: str | None = None,
+) -> Speed:
+    """Time decoding real images and the backbone's forward and training steps (random weights:
+    speed does not depend on their values)."""
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    threads = configure_threads()
+    workers = default_workers()
+    speed = Speed(str(dev), threads, workers, _decode_rate(split, workers))
+    x = torch.randn(16, 3, REFERENCE, REFERENCE, device=dev).contiguous(memory_format=torch.channels_last)
+    for name in backbones:
+        net = inference_model(create_backbone(name, weights="none"), dev)
+
+        def infer(net=net):
+            with torch.inference_mode(), autocast_for(dev):
+                net(x)
+
+        speed.forward[name] = images_per_second(infer, len(x), min_seconds=min_seconds, device=dev)
+    for g in groups:
+        speed.suffix_train[g], speed.image_train[g] = _train_rates(
+            backbones[0], g, x, dev, min_seconds, weights
+        )
+    speed.seconds = time.perf_counter() - t0
+    logs.info(
+        f"auto: measured in {speed.seconds:.1f}s: decode {speed.decode:.0f} img/s ({workers} workers), "
+        "forward "
+        + ", ".join(f"{k} {v:.0f}" for k, v in speed.forward.items())
+        + " img/s; train on cached maps "
+        + ", ".join(f"{g} groups {v:.0f}" for g, v in speed.suffix_train.items())
+        + " img/s; on images "
+        + ", ".join(f"{g} groups {v:.0f}" for g, v in speed.image_train.items())
+        + f" img/s (at {REFERENCE} px)"
+    )
+    return speed
+
+
+def _decode_rate(split: DataSplit, workers: int, n: int = 24) -> float:
+    """Images/s one process decodes and transforms (real files, as training reads them), times the
+    processes that decode in parallel."""
+    pp = Preprocess(REFERENCE, (0.5,) * 3, (0.5,) * 3)
+    tf = eval_transform(pp)
+    items = split.train[:: max(1, len(split.train) // n)][:n]
+    t, done = time.perf_counter(), 0
+    for path, _ in items:
+        try:
+            tf(load_image(path, draft=pp.resize_size))
+            done += 1
+        except Exception:  # noqa: BLE001 - unreadable files are counted by training, not here
+            continue
+    per_process = done / max(time.perf_counter() - t, 1e-6)
+    return per_process * max(1, min(workers, available_cores()))
+
+
+def _train_rates(
+    backbone: str, groups: int, x: torch.Tensor, dev: torch.device, min_seconds: float, weights: str | None
+):
+    """Training img/s with `groups` unfrozen: on cached prefix maps, and on whole images (a weights
+    file, where the run names one, builds the architecture it fits)."""
+    w = "none" if weights is None or weights.lower() == "none" else weights
+    model = TransferModel.build(create_backbone(backbone, weights=w), HeadSpec(), ["a", "b"])
+    unfreeze_last(model, groups)
+    model.to(dev, memory_format=torch.channels_last).train()
+    y = torch.randint(0, 2, (len(x),), device=dev)
+    sp = split_model(model, input_size=REFERENCE)
+    with torch.no_grad():  # maps the training step may read (inference tensors it could not)
+        maps = sp.prefix.layers(x)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(net, inp):
+        with autocast_for(dev, training=True):
+            loss = torch.nn.functional.cross_entropy(net(inp), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    suffix = images_per_second(lambda: step(sp.suffix, maps), len(x), min_seconds=min_seconds, device=dev)
+    whole = images_per_second(lambda: step(model, x), len(x), min_seconds=min_seconds, device=dev)
+    return suffix, whole

@@ -1,0 +1,311 @@
+"""The search: pilots on a subset, the best third again on all the inner training images, then the
+winner on the whole training split with as many epochs as the budget leaves (successive halving).
+
+Every choice is made on an inner split of the training images; the validation split is not read
+until the final model is scored, once. Predicted and actual seconds of every run are recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from headstart.core import logs
+from headstart.core.errors import HeadstartError, RunInterrupted
+from headstart.data.layout import DataSplit, resolve_data, stratified_split
+from headstart.training.auto.budget import Budget, parse_duration
+from headstart.training.auto.candidates import BASE, LARGER, Candidate, grid, seconds
+from headstart.training.auto.profile import DataProfile, Speed, measure
+
+SEARCH_SHARE = 0.45  # of the budget left after measuring: pilots and the second stage together
+SAFETY = 0.9  # plan to 90 % of the budget: predictions are estimates
+FINAL_EPOCHS = {"prefix": (2, 10), "images": (2, 10)}  # (fewest, most) epochs of the final run
+
+
+@dataclass
+class Plan:
+    """The chosen recipe as a TrainConfig, its deadline, and the record of how it was chosen."""
+
+    config: object  # TrainConfig of the final run
+    deadline: float | None  # monotonic-clock time by which training must stop
+    record: dict = field(default_factory=dict)
+    split: DataSplit | None = None  # a subset of the training images, where all of them do not fit
+
+
+def choose(
+    cfg, *, run: Callable, clock: Callable[[], float] = time.monotonic, speed: Speed | None = None
+) -> Plan:
+    """Measure, search and return the final run's config; `run(cfg, split=...)` trains one pilot."""
+    budget = Budget(parse_duration(cfg.budget), clock)
+    split = resolve_data(cfg.data, val=cfg.val, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    profile = DataProfile.of(split)
+    # other embedded backbones are tried beside the default one, where the budget allows
+    larger = [*LARGER] if budget.seconds >= 1800 and cfg.backbone == BASE and cfg.weights is None else []
+    speed = speed or measure(split, [cfg.backbone, *larger], device=cfg.device, weights=cfg.weights)
+    record = {
+        "budget_seconds": budget.seconds,
+        "profile": dataclasses.asdict(profile),
+        "speed": speed.to_dict(),
+        "stages": [],
+    }
+    candidates = affordable(grid(profile, speed, cfg.backbone), speed, profile, budget.left() * SAFETY)
+    if profile.smallest_class < 5 or len(candidates) == 1:  # too few images to split for honest choices
+        winner = candidates[0]
+        record["note"] = "no search: too few images per class for an inner split, or one candidate affordable"
+    else:
+        winner = halving(cfg, candidates, split, speed, budget, record, run)
+    final = final_config(cfg, winner, speed, profile, budget)
+    subset = None
+    if final.train_images < profile.num_train:  # the budget cannot see every training image
+        keep = stratified_split(split.train, 1 - final.train_images / profile.num_train, cfg.seed)[1]
+        subset = dataclasses.replace(split, train=sorted(keep))
+    epochs = final.config.resolved().epochs
+    record["chosen"] = winner.name
+    record["final"] = {
+        "options": final.options,
+        "epochs": epochs,
+        "train_images": final.train_images,
+        "predicted_seconds": round(final.seconds, 1),
+    }
+    record["search_seconds"] = round(budget.spent(), 1)
+    on = f" on {final.train_images} of {profile.num_train} training images" if subset else ""
+    logs.info(
+        f"auto: chose {winner.name}{on}: {epochs} epochs, predicted {final.seconds:.0f}s of "
+        f"{budget.left():.0f}s left"
+    )
+    return Plan(final.config, budget.deadline, record, subset)
+
+
+def affordable(candidates: list[Candidate], speed: Speed, profile: DataProfile, seconds_left: float):
+    """Recipes whose shortest final run fits in 55 % of the budget (the rest is for searching)."""
+    n, m = profile.num_train, profile.num_val
+    shortest = {
+        c.name: seconds(c, speed, n=n, m=m, epochs=FINAL_EPOCHS.get(c.kind, (1, 1))[0]) for c in candidates
+    }
+    keep = [c for c in candidates if shortest[c.name] <= 0.55 * seconds_left]
+    return keep or [min(candidates, key=lambda c: seconds(c, speed, n=n, m=m, epochs=1))]
+
+
+def inner_split(split: DataSplit, seed: int) -> DataSplit:
+    """80/20 of the training images, stratified and seeded: what every choice is scored on."""
+    train, val = stratified_split(split.train, 0.2, seed)
+    return DataSplit(split.classes, train, val, "auto inner split of the training images", [], split.root)
+
+
+def folds(split: DataSplit, seed: int, k: int) -> list[DataSplit]:
+    """k stratified train/held-out partitions of the training images (k = 1: one 80/20 split)."""
+    if k == 1:
+        return [inner_split(split, seed)]
+    by_class: dict[int, list] = {}
+    for item in split.train:
+        by_class.setdefault(item[1], []).append(item)
+    parts: list[list] = [[] for _ in range(k)]
+    for y in sorted(by_class):
+        items = sorted(by_class[y])
+        order = np.random.default_rng(seed + y).permutation(len(items))
+        for j, i in enumerate(order):
+            parts[j % k].append(items[i])
+    return [
+        DataSplit(
+            split.classes,
+            sorted(x for p in parts[:f] + parts[f + 1 :] for x in p),
+            sorted(parts[f]),
+            f"auto fold {f + 1}/{k} of the training images",
+            [],
+            split.root,
+        )
+        for f in range(k)
+    ]
+
+
+def halving(
+    cfg,
+    candidates: list[Candidate],
+    split: DataSplit,
+    speed: Speed,
+    budget: Budget,
+    record: dict,
+    run: Callable,
+) -> Candidate:
+    """Stage 1: every candidate on a first held-out fold (on a subset of it where data is large);
+    stage 2: the best third on more: the other folds where data is small (scores averaged over all
+    folds), all inner images and more epochs where it is large."""
+    k = 3 if len(split.train) * 0.2 < 500 else 1  # small sets: one 20 % hold-out is too noisy to rank on
+    parts = folds(split, cfg.seed, k)
+    record["folds"] = k
+    search_budget = SEARCH_SHARE * budget.left()
+    m = min(len(parts[0].val), 2000)
+    plan = [("pilots", parts[:1], 2), ("survivors", parts[1:] if k > 1 else parts, 2 if k > 1 else 3)]
+    alive = candidates
+    for name, stage_parts, epochs in plan:
+        n_all = len(stage_parts[0].train)
+        n, cost = _fit_subset(alive, speed, n_all, m, epochs, 0.5 * search_budget / len(stage_parts))
+        if n is None or (name == "survivors" and len(alive) < 2):
+            break
+        stage = {
+            "name": name,
+            "folds": len(stage_parts),
+            "train_images": n,
+            "val_images": m,
+            "epochs": epochs,
+            "predicted_seconds": round(cost * len(stage_parts), 1),
+            "candidates": [],
+        }
+        t0 = budget.clock()
+        for part in stage_parts:
+            sub = _subset(part, n, m, cfg.seed)
+            for c in alive:
+                stage["candidates"].append(pilot(cfg, c, sub, epochs, speed, run))
+        stage["actual_seconds"] = round(budget.clock() - t0, 1)
+        record["stages"].append(stage)
+        ranked = sorted((c for c in alive if _mean(c) is not None), key=lambda c: _mean(c))
+        alive = ranked[: max(2, len(ranked) // 3)] if name == "pilots" else ranked[:1]
+        if not alive:
+            break
+    return alive[0] if alive else candidates[0]
+
+
+def _mean(c: Candidate) -> tuple[float, float] | None:
+    """Rank key from every held-out score so far: higher mean accuracy, then lower mean loss."""
+    scores = [s for s in c.scores if s.get("accuracy") is not None]
+    if not scores:
+        return None
+    return (-float(np.mean([s["accuracy"] for s in scores])), float(np.mean([s["loss"] for s in scores])))
+
+
+def _fit_subset(cands, speed, n_in, m, epochs, seconds_allowed):
+    """The most inner-training images (halving from all) for which the stage fits its share."""
+    n = n_in
+    while n >= 10:
+        cost = sum(seconds(c, speed, n=n, m=m, epochs=epochs) for c in cands)
+        if cost <= seconds_allowed:
+            return n, cost
+        n //= 2
+    return None, None
+
+
+def _subset(inner: DataSplit, n: int, m: int, seed: int) -> DataSplit:
+    """A stratified subset of n inner-training and m inner-validation images."""
+    train = (
+        inner.train
+        if n >= len(inner.train)
+        else stratified_split(inner.train, 1 - n / len(inner.train), seed)[1]
+    )
+    val = inner.val if m >= len(inner.val) else stratified_split(inner.val, 1 - m / len(inner.val), seed)[1]
+    return dataclasses.replace(inner, train=sorted(train), val=sorted(val))
+
+
+def pilot(cfg, c: Candidate, split: DataSplit, epochs: int, speed: Speed, run: Callable) -> dict:
+    """Train one candidate on the inner split; its inner-validation accuracy and its times."""
+    predicted = seconds(c, speed, n=len(split.train), m=len(split.val), epochs=epochs)
+    entry = {"name": c.name, "predicted_seconds": round(predicted, 1)}
+    options = {
+        **c.options,
+        "epochs": c.epochs(epochs),
+        "calibrate": False,
+        "overwrite": True,
+        "patience": None,
+    }
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="headstart-auto-") as tmp, _quiet():
+        try:
+            r = run(cfg.with_overrides({**options, "output": str(Path(tmp) / "run")}), split=split).results
+            entry |= {"accuracy": r.val_accuracy, "loss": r.val_loss}
+        except RunInterrupted:  # Ctrl-C or SIGTERM: stop searching, not just this pilot
+            raise
+        except HeadstartError as e:  # a recipe that does not apply here (e.g. a backbone that cannot split)
+            entry |= {"accuracy": None, "error": f"{type(e).__name__}: {e}"[:300]}
+    entry["actual_seconds"] = round(time.monotonic() - t0, 1)
+    c.scores.append(entry)
+    acc = (
+        f"inner accuracy {entry['accuracy']:.4f}" if entry.get("accuracy") is not None else entry.get("error")
+    )
+    logs.info(
+        f"auto: {c.name} on {len(split.train)} images: {acc}, {entry['actual_seconds']:.0f}s "
+        f"(predicted {predicted:.0f}s)"
+    )
+    return entry
+
+
+@dataclass
+class _Final:
+    config: object
+    options: dict
+    seconds: float
+    train_images: int
+
+
+def final_config(cfg, c: Candidate, speed: Speed, profile: DataProfile, budget: Budget) -> _Final:
+    """The winner on the whole training split with as many epochs as fit in what is left (on a
+    stratified subset of it, where even the fewest epochs on all of it would not fit)."""
+    n, m, left = profile.num_train, profile.num_val, SAFETY * budget.left()
+    lo, hi = FINAL_EPOCHS.get(c.kind, (1, 1))
+    cached = 0.8  # the search saw most training images already: their features or maps are cached
+    while n > 10 * profile.classes and seconds(c, speed, n=n, m=m, epochs=lo, cached=cached) > left:
+        n = int(n * 0.8)
+    epochs = lo
+    while epochs < hi and seconds(c, speed, n=n, m=m, epochs=epochs + 1, cached=cached) <= left:
+        epochs += 1
+    options = {**c.options, "epochs": c.epochs(epochs) if c.kind != "features" else None}
+    final = cfg.with_overrides({**options, "strategy": c.options["strategy"]})
+    return _Final(final, options, seconds(c, speed, n=n, m=m, epochs=epochs, cached=cached), n)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Pilot runs log at WARNING: the plan's own lines say what happened."""
+    log = logs.logger
+    level = log.level
+    if log.isEnabledFor(logging.INFO):
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def preview(cfg, *, speed: Speed | None = None) -> dict:
+    """`headstart plan`: the measurements, the candidates and the predicted time of every stage,
+    before anything trains (the pilots' scores decide the rest)."""
+    budget = Budget(parse_duration(cfg.budget))
+    split = resolve_data(cfg.data, val=cfg.val, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    profile = DataProfile.of(split)
+    larger = [*LARGER] if budget.seconds >= 1800 and cfg.backbone == BASE and cfg.weights is None else []
+    speed = speed or measure(split, [cfg.backbone, *larger], device=cfg.device, weights=cfg.weights)
+    everything = grid(profile, speed, cfg.backbone)
+    candidates = affordable(everything, speed, profile, budget.left() * SAFETY)
+    n_in, m_in = int(0.8 * profile.num_train), profile.num_train - int(0.8 * profile.num_train)
+    search = SEARCH_SHARE * budget.left()
+    n1, cost1 = _fit_subset(candidates, speed, n_in, min(m_in, 2000), 2, 0.5 * search)
+    rows = []
+    for c in everything:
+        final = final_config(cfg, c, speed, profile, budget)
+        rows.append(
+            {
+                "name": c.name,
+                "affordable": c in candidates,
+                "options": c.options,
+                "pilot_seconds": round(seconds(c, speed, n=n1 or 0, m=min(m_in, 2000), epochs=2), 1)
+                if c in candidates and n1
+                else None,
+                "final_epochs": final.config.resolved().epochs,
+                "final_seconds": round(final.seconds, 1),
+            }
+        )
+    return {
+        "budget_seconds": budget.seconds,
+        "profile": dataclasses.asdict(profile),
+        "speed": speed.to_dict(),
+        "inner_split": {"train": n_in, "val": m_in},
+        "pilot_images": n1,
+        "pilot_seconds": round(cost1, 1) if cost1 else None,
+        "candidates": rows,
+    }

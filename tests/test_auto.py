@@ -1,0 +1,182 @@
+"""--strategy auto: the time model, the budget (on a fake clock), selection that never reads the
+validation split, and a plan that survives --resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import headstart
+from headstart.core.errors import ConfigError
+from headstart.data.layout import resolve_data
+from headstart.training.auto import search
+from headstart.training.auto.budget import Budget, parse_duration
+from headstart.training.auto.candidates import REFERENCE, Candidate, grid, seconds, sizes_for
+from headstart.training.auto.profile import DataProfile, Speed
+from headstart.training.options import TrainConfig
+from headstart.training.record import RunResults, TrainResult
+
+from conftest import TINY, make_class_tree
+
+
+def speed(**kw) -> Speed:
+    """A machine with round numbers: 100 img/s forward at 224 px, 500 decode, etc."""
+    s = Speed(
+        "cpu",
+        2,
+        1,
+        decode=500.0,
+        forward={"efficientnet_lite0": 100.0, TINY: 100.0},
+        suffix_train={1: 400.0, 2: 200.0, 3: 100.0},
+        image_train={1: 60.0, 2: 50.0, 3: 40.0},
+    )
+    for k, v in kw.items():
+        setattr(s, k, v)
+    return s
+
+
+def test_time_model_on_synthetic_speeds():
+    sp = speed()
+    features = Candidate("extract", "features", {"strategy": "extract"}, REFERENCE)
+    # 1000 + 200 images at min(100 forward, 500 decode) img/s, 30 head epochs, 3 s of overhead
+    assert seconds(features, sp, n=1000, m=200, epochs=0) == pytest.approx(3 + 12 + 30 * 1200 / 1e5)
+    assert seconds(features, sp, n=1000, m=200, epochs=0, cached=0.5) == pytest.approx(3 + 6 + 0.36)
+    prefix = Candidate("p", "prefix", {"strategy": "finetune"}, 112, groups=2)  # a quarter of the pixels
+    # prefix maps at 400 img/s, then 4 epochs of 1000 at 800 img/s and 200 at 2400 img/s
+    assert seconds(prefix, sp, n=1000, m=200, epochs=4) == pytest.approx(
+        3 + 1200 / 400 + 4 * (1000 / 800 + 200 / 2400)
+    )
+    images = Candidate("i", "images", {"strategy": "finetune"}, REFERENCE, groups=2)
+    assert seconds(images, sp, n=1000, m=200, epochs=2) == pytest.approx(3 + 2 * (1000 / 50 + 200 / 100))
+    slow_disk = speed(decode=25.0)  # decoding, not the model, is the bottleneck
+    assert seconds(images, slow_disk, n=1000, m=200, epochs=2) == pytest.approx(
+        3 + 2 * (1000 / 25 + 200 / 25)
+    )
+    assert sizes_for(DataProfile(1, 1, 2, 1, 32)) == [128, 192]
+    assert sizes_for(DataProfile(1, 1, 2, 1, 500)) == [224]
+
+
+def test_durations():
+    assert (parse_duration("10m"), parse_duration("1h30m"), parse_duration("90s"), parse_duration(120)) == (
+        600,
+        5400,
+        90,
+        120,
+    )
+    for bad in ("ten minutes", "10x", "1h30", "5"):
+        with pytest.raises(ConfigError, match="--budget"):
+            parse_duration(bad)
+
+
+def test_final_run_fits_what_is_left_on_a_subset_if_it_must():
+    sp = speed()
+    big = DataProfile(num_train=50_000, num_val=10_000, classes=10, smallest_class=5000, short_side=32)
+    prefix = next(c for c in grid(big, sp) if c.kind == "prefix")
+    clock = [0.0]
+    budget = Budget(3600, lambda: clock[0])
+    cfg = TrainConfig(data="d", strategy="auto")
+    f = search.final_config(cfg, prefix, sp, big, budget)
+    assert f.seconds <= search.SAFETY * 3600 and f.train_images == 50_000 and f.config.epochs >= 2
+    clock[0] = 3500  # nearly spent: fewer images rather than a run that overshoots
+    f = search.final_config(cfg, prefix, sp, big, budget)
+    assert f.train_images < 50_000 and f.seconds <= search.SAFETY * 100 + 1e-6 or f.train_images <= 100
+
+
+def _fake_runner(clock: list[float], sp: Speed, seen: list, slow: float = 1.2):
+    """Trains nothing: advances the fake clock by 1.2x the predicted time and scores the recipe by a
+    deterministic function of its name and of the labels of the images it was given."""
+
+    def run(cfg, *, split):
+        seen.append(split)
+        kind = "prefix" if cfg.cache_prefix else "features" if cfg.strategy != "finetune" else "images"
+        c = Candidate(
+            "x",
+            kind,
+            {"strategy": cfg.strategy},
+            cfg.image_size or REFERENCE,
+            groups=cfg.unfreeze if cfg.strategy == "finetune" else 0,
+        )
+        clock[0] += slow * seconds(c, sp, n=len(split.train), m=len(split.val), epochs=cfg.epochs)
+        labels = sum(y for _, y in split.val) + sum(y for _, y in split.train)
+        acc = (hash((cfg.strategy, cfg.unfreeze, cfg.image_size, cfg.feature_blocks, labels)) % 1000) / 1000
+        r = RunResults(val_accuracy=acc, val_loss=1 - acc)
+        return TrainResult(split.root, r, [])
+
+    return run
+
+
+@pytest.mark.parametrize("budget", ["2m", "10m", "1h"])
+def test_the_search_leaves_the_final_run_its_time_on_a_fake_clock(tmp_path, budget):
+    make_class_tree(tmp_path / "d" / "train", per_class=40)
+    make_class_tree(tmp_path / "d" / "val", per_class=10, seed=500)
+    clock, seen, sp = [0.0], [], speed()
+    cfg = TrainConfig(data=str(tmp_path / "d"), strategy="auto", budget=budget).resolved()
+    plan = search.choose(cfg, run=_fake_runner(clock, sp, seen), clock=lambda: clock[0], speed=sp)
+    seconds_total = parse_duration(budget)
+    searched = clock[0]
+    final = plan.record["final"]["predicted_seconds"]
+    assert searched <= 1.2 * search.SEARCH_SHARE * seconds_total + 1  # pilots ran 20 % slower than predicted
+    assert searched + final <= seconds_total
+    for stage in plan.record["stages"]:
+        assert stage["actual_seconds"] <= 1.2 * stage["predicted_seconds"] + 1e-6
+    assert plan.deadline == pytest.approx(seconds_total)
+
+
+def test_selection_never_reads_the_validation_split(tmp_path):
+    """No validation image reaches any pilot; poisoning the validation labels changes no choice."""
+    make_class_tree(tmp_path / "d" / "train", classes=("red", "green", "blue"), per_class=30)
+    make_class_tree(tmp_path / "d" / "val", classes=("red", "green", "blue"), per_class=10, seed=500)
+    cfg = TrainConfig(data=str(tmp_path / "d"), strategy="auto", budget="10m").resolved()
+    val = {p for p, _ in resolve_data(cfg.data).val}
+    plans = []
+    for poisoned in (False, True):
+        if poisoned:  # swap two validation class folders: every validation label is now wrong
+            v = tmp_path / "d" / "val"
+            (v / "red").rename(v / "tmp")
+            (v / "green").rename(v / "red")
+            (v / "tmp").rename(v / "green")
+        clock, seen = [0.0], []
+        plans.append(
+            search.choose(
+                cfg, run=_fake_runner(clock, speed(), seen), clock=lambda clock=clock: clock[0], speed=speed()
+            )
+        )
+        assert seen and not any(p in val for s in seen for p, _ in s.train + s.val)
+    strip = lambda r: [[(c["name"], c["accuracy"]) for c in s["candidates"]] for s in r["stages"]]  # noqa: E731
+    assert plans[0].record["chosen"] == plans[1].record["chosen"]
+    assert strip(plans[0].record) == strip(plans[1].record)
+
+
+def test_auto_trains_the_chosen_recipe_and_the_plan_survives_resume(tiny_split, tmp_path, monkeypatch):
+    from headstart.training import loop
+
+    real = loop.LoopState.end_epoch
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_first_final_epoch(self, epoch, *a, **k):
+        stop = real(self, epoch, *a, **k)
+        if self.run.plan is not None and epoch == 1 and self.run.cfg.epochs > 1:
+            raise Crash  # a power cut after the first epoch of the final run (its checkpoint is saved)
+        return stop
+
+    monkeypatch.setattr(loop.LoopState, "end_epoch", crash_after_first_final_epoch)
+    out = tmp_path / "run"
+    opts = dict(backbone=TINY, weights="none", strategy="auto", budget="3m", num_workers=0, batch_size=8)
+    try:
+        r = headstart.train(tiny_split, output=out, **opts)
+        crashed = False
+    except Crash:
+        crashed = True
+    plan = json.loads((out / "plan.json").read_text())
+    options = json.loads((out / "config.json").read_text())["options"]
+    assert options["strategy"] != "auto" and options["strategy"] == plan["final"]["options"]["strategy"]
+    assert plan["stages"] and plan["chosen"] and plan["budget_seconds"] == 180
+    if crashed:  # the chosen recipe trains several epochs: resume it
+        monkeypatch.undo()
+        r = headstart.resume(out)
+    assert r.results.plan["chosen"] == plan["chosen"] and r.results.plan["stages"] == plan["stages"]
+    assert r.results.plan["final"]["actual_seconds"] > 0 and r.results.frozen_tensors_changed == 0
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"
