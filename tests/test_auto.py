@@ -9,7 +9,7 @@ import pytest
 
 import headstart
 from headstart.core.errors import ConfigError
-from headstart.data.layout import resolve_data
+from headstart.data.layout import DataSplit, resolve_data
 from headstart.training.auto import search
 from headstart.training.auto.budget import Budget, parse_duration
 from headstart.training.auto.candidates import REFERENCE, Candidate, grid, seconds, sizes_for
@@ -72,36 +72,34 @@ def test_durations():
 def test_final_run_fits_what_is_left_on_a_subset_if_it_must():
     sp = speed()
     big = DataProfile(num_train=50_000, num_val=10_000, classes=10, smallest_class=5000, short_side=32)
+    split = DataSplit([str(i) for i in range(10)], [(f"t{i}", i % 10) for i in range(50_000)],
+                      [(f"v{i}", i % 10) for i in range(10_000)], "synthetic")  # fmt: skip
     prefix = next(c for c in grid(big, sp) if c.kind == "prefix")
     clock = [0.0]
     budget = Budget(3600, lambda: clock[0])
     cfg = TrainConfig(data="d", strategy="auto")
-    f = search.final_config(cfg, prefix, sp, big, budget)
+    f = search.final_config(cfg, prefix, sp, split, budget)
     assert f.seconds <= search.SAFETY * 3600 and f.train_images == 50_000 and f.config.epochs >= 2
     clock[0] = 3500  # nearly spent: fewer images rather than a run that overshoots
-    f = search.final_config(cfg, prefix, sp, big, budget)
+    f = search.final_config(cfg, prefix, sp, split, budget)
     assert f.train_images < 50_000 and f.seconds <= search.SAFETY * 100 + 1e-6 or f.train_images <= 100
 
 
 def _fake_runner(clock: list[float], sp: Speed, seen: list, slow: float = 1.2):
-    """Trains nothing: advances the fake clock by 1.2x the predicted time and scores the recipe by a
-    deterministic function of its name and of the labels of the images it was given."""
+    """Trains nothing: advances the fake clock by 1.2x the predicted time (what the cache holds
+    included) and scores the recipe by a deterministic function of its name and of the labels of
+    the images it was given."""
 
     def run(cfg, *, split):
         seen.append(split)
         kind = "prefix" if cfg.cache_prefix else "features" if cfg.strategy != "finetune" else "images"
-        c = Candidate(
-            "x",
-            kind,
-            {"strategy": cfg.strategy},
-            cfg.image_size or REFERENCE,
-            groups=cfg.unfreeze if cfg.strategy == "finetune" else 0,
-        )
-        clock[0] += slow * seconds(c, sp, n=len(split.train), m=len(split.val), epochs=cfg.epochs)
+        options = {"strategy": cfg.strategy, "feature_blocks": cfg.feature_blocks}
+        c = Candidate("x", kind, options, cfg.image_size or REFERENCE, cfg.backbone,
+                      groups=cfg.unfreeze if cfg.strategy == "finetune" else 0)  # fmt: skip
+        clock[0] += slow * search.predict(c, sp, split, cfg.epochs)
         labels = sum(y for _, y in split.val) + sum(y for _, y in split.train)
         acc = (hash((cfg.strategy, cfg.unfreeze, cfg.image_size, cfg.feature_blocks, labels)) % 1000) / 1000
-        r = RunResults(val_accuracy=acc, val_loss=1 - acc)
-        return TrainResult(split.root, r, [])
+        return TrainResult(split.root, RunResults(val_accuracy=acc, val_loss=1 - acc), [])
 
     return run
 
@@ -118,8 +116,8 @@ def test_the_search_leaves_the_final_run_its_time_on_a_fake_clock(tmp_path, budg
     final = plan.record["final"]["predicted_seconds"]
     assert searched <= 1.2 * search.SEARCH_SHARE * seconds_total + 1  # pilots ran 20 % slower than predicted
     assert searched + final <= seconds_total
-    for stage in plan.record["stages"]:
-        assert stage["actual_seconds"] <= 1.2 * stage["predicted_seconds"] + 1e-6
+    for stage in plan.record["stages"]:  # 20 % slower, and the correction learnt mid-stage compounds it
+        assert stage["actual_seconds"] <= 1.5 * stage["predicted_seconds"] + 1
     assert plan.deadline == pytest.approx(seconds_total)
 
 

@@ -292,20 +292,27 @@ def cmd_plan(a: argparse.Namespace) -> int:
         f"machine: {sp['device']}, {sp['threads']} threads, {sp['workers']} loader workers; measured in "
         f"{sp['seconds']:.1f}s"
     )
+    held_out = "3 folds" if p["folds"] == 3 else "one 80/20 split"
     print(
-        f"budget {p['budget_seconds'] / 60:.1f} min; inner split of the training images: "
-        f"{p['inner_split']['train']} / {p['inner_split']['val']} (the validation split is not read)"
+        f"budget {p['budget_seconds'] / 60:.1f} min; candidates are scored on {held_out} of the training "
+        "images (the validation split is read once, by the final model)"
     )
     pilots = (
-        f"on {p['pilot_images']} images, predicted {p['pilot_seconds']:.0f}s" if p["pilot_images"] else "none"
+        f"{p['pilot_images']} training + {p['pilot_val_images']} held-out images, predicted "
+        f"{p['pilot_seconds']:.0f}s"
+        if p["pilot_images"]
+        else "none affordable"
     )
     print(
-        f"stage 1, pilots (2 epochs): {pilots}; stage 2: the best third on all inner images; "
-        "then the winner on all training images"
+        f"stage 1, pilots (2 epochs): {pilots}; stage 2: the best third on more images; then the winner "
+        "on the training split with the epochs the budget leaves"
     )
-    print(f"{'candidate':<62}{'pilot s':>9}{'final epochs':>14}{'final s':>9}")
+    print(f"{'candidate':<62}{'pilot s':>9}{'final epochs':>14}{'images':>8}{'final s':>9}")
     for r in p["candidates"]:
         pilot = f"{r['pilot_seconds']:.0f}" if r["pilot_seconds"] is not None else "-"
         mark = "" if r["affordable"] else "  (over budget)"
-        print(f"{r['name'][:61]:<62}{pilot:>9}{r['final_epochs']:>14}{r['final_seconds']:>9.0f}{mark}")
+        print(
+            f"{r['name'][:61]:<62}{pilot:>9}{r['final_epochs']:>14}{r['final_images']:>8}"
+            f"{r['final_seconds']:>9.0f}{mark}"
+        )
     return 0

@@ -30,6 +30,11 @@ class Candidate:
     groups: int = 0  # trainable block groups (prefix, images)
     scores: list[dict] = field(default_factory=list)  # one entry per search stage it ran in
 
+    @property
+    def cost_kind(self) -> str:
+        """What its time is made of, for learning corrections: the probe's fit is its own kind."""
+        return "probe" if self.options.get("strategy") == "linear-probe" else self.kind
+
     def epochs(self, stage_epochs: int | None) -> int:
         """Epochs a run of this recipe trains for (head epochs of features keep their default)."""
         return 30 if self.kind == "features" else max(1, stage_epochs or 1)
@@ -92,11 +97,13 @@ def seconds(c: Candidate, speed: Speed, *, n: int, m: int, epochs: int, cached: 
     forward = speed.forward[c.backbone] / px
     extract = (n + m) * (1 - cached) / max(1e-6, min(forward, speed.decode))
     epochs = c.epochs(epochs)
+    factor = speed.correction.get(c.cost_kind, 1.0)
     if c.kind == "features":
-        fit = (0.5 + 0.005 * min(n, 10_000) + 0.002 * n) if c.options["strategy"] == "linear-probe" else 0.0
-        return RUN_OVERHEAD + extract + epochs * (n + m) / HEAD_RATE + fit
+        # the probe's cross-validated fit: 13 C values x 5 folds on up to 10,000 images, then all of them
+        fit = (1 + 0.04 * min(n, 10_000) + 0.002 * n) if c.cost_kind == "probe" else 0.0
+        return RUN_OVERHEAD + factor * (extract + epochs * (n + m) / HEAD_RATE + fit)
     if c.kind == "prefix":
         train = speed.suffix_train[c.groups] / px
-        return RUN_OVERHEAD + extract + epochs * (n / train + m / (3 * train))
+        return RUN_OVERHEAD + factor * (extract + epochs * (n / train + m / (3 * train)))
     train = min(speed.image_train[c.groups] / px, speed.decode)
-    return RUN_OVERHEAD + epochs * (n / train + m / min(forward, speed.decode))
+    return RUN_OVERHEAD + factor * epochs * (n / train + m / min(forward, speed.decode))

@@ -69,11 +69,15 @@ class Speed:
     forward: dict[str, float] = field(default_factory=dict)  # backbone -> inference img/s
     suffix_train: dict[int, float] = field(default_factory=dict)  # unfrozen groups -> img/s on cached maps
     image_train: dict[int, float] = field(default_factory=dict)  # unfrozen groups -> img/s on images
+    # actual / predicted seconds of the first pilot of each kind: what micro-benchmarks miss (loader
+    # processes competing with the model for 2 cores, say), applied to every later prediction
+    correction: dict[str, float] = field(default_factory=dict)
+    extracted: dict[str, set] = field(default_factory=dict, repr=False)  # cache key -> image paths in it
     seconds: float = 0.0  # what measuring cost
 
     def to_dict(self) -> dict:
-        """Plain-JSON form."""
-        return asdict(self)
+        """Plain-JSON form (without the paths of what the search cached)."""
+        return {k: v for k, v in asdict(self).items() if k != "extracted"}
 
 
 def measure(

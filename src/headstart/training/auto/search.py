@@ -22,7 +22,7 @@ from headstart.core import logs
 from headstart.core.errors import HeadstartError, RunInterrupted
 from headstart.data.layout import DataSplit, resolve_data, stratified_split
 from headstart.training.auto.budget import Budget, parse_duration
-from headstart.training.auto.candidates import BASE, LARGER, Candidate, grid, seconds
+from headstart.training.auto.candidates import BASE, LARGER, RUN_OVERHEAD, Candidate, grid, seconds
 from headstart.training.auto.profile import DataProfile, Speed, measure
 
 SEARCH_SHARE = 0.45  # of the budget left after measuring: pilots and the second stage together
@@ -62,10 +62,10 @@ def choose(
         record["note"] = "no search: too few images per class for an inner split, or one candidate affordable"
     else:
         winner = halving(cfg, candidates, split, speed, budget, record, run)
-    final = final_config(cfg, winner, speed, profile, budget)
+    final = final_config(cfg, winner, speed, split, budget)
     subset = None
     if final.train_images < profile.num_train:  # the budget cannot see every training image
-        keep = stratified_split(split.train, 1 - final.train_images / profile.num_train, cfg.seed)[1]
+        keep = sample(split.train, final.train_images, cfg.seed)
         subset = dataclasses.replace(split, train=sorted(keep))
     epochs = final.config.resolved().epochs
     record["chosen"] = winner.name
@@ -141,29 +141,28 @@ def halving(
     k = 3 if len(split.train) * 0.2 < 500 else 1  # small sets: one 20 % hold-out is too noisy to rank on
     parts = folds(split, cfg.seed, k)
     record["folds"] = k
-    search_budget = SEARCH_SHARE * budget.left()
-    m = min(len(parts[0].val), 2000)
+    search_budget = search_share(speed, split, budget.seconds) * budget.left()
     plan = [("pilots", parts[:1], 2), ("survivors", parts[1:] if k > 1 else parts, 2 if k > 1 else 3)]
     alive = candidates
     for name, stage_parts, epochs in plan:
-        n_all = len(stage_parts[0].train)
-        n, cost = _fit_subset(alive, speed, n_all, m, epochs, 0.5 * search_budget / len(stage_parts))
-        if n is None or (name == "survivors" and len(alive) < 2):
+        if name == "survivors" and len(alive) < 2:
+            break
+        subs, cost = _fit_stage(alive, stage_parts, speed, epochs, 0.5 * search_budget, cfg.seed)
+        if subs is None:
             break
         stage = {
             "name": name,
-            "folds": len(stage_parts),
-            "train_images": n,
-            "val_images": m,
+            "folds": len(subs),
+            "train_images": len(subs[0].train),
+            "val_images": len(subs[0].val),
             "epochs": epochs,
-            "predicted_seconds": round(cost * len(stage_parts), 1),
+            "predicted_seconds": round(cost, 1),
             "candidates": [],
         }
         t0 = budget.clock()
-        for part in stage_parts:
-            sub = _subset(part, n, m, cfg.seed)
+        for sub in subs:
             for c in alive:
-                stage["candidates"].append(pilot(cfg, c, sub, epochs, speed, run))
+                stage["candidates"].append(pilot(cfg, c, sub, epochs, speed, run, budget.clock))
         stage["actual_seconds"] = round(budget.clock() - t0, 1)
         record["stages"].append(stage)
         ranked = sorted((c for c in alive if _mean(c) is not None), key=lambda c: _mean(c))
@@ -171,6 +170,14 @@ def halving(
         if not alive:
             break
     return alive[0] if alive else candidates[0]
+
+
+def search_share(speed: Speed, split: DataSplit, budget_seconds: float) -> float:
+    """The share of the budget the search may spend: less where merely extracting every image once
+    takes a good part of it (large data: the final run needs the time more than the pilots do)."""
+    rate = min(max(speed.forward.values()), speed.decode)
+    once = (len(split.train) + len(split.val)) / max(1e-6, rate)
+    return SEARCH_SHARE if once < 0.1 * budget_seconds else 0.3
 
 
 def _mean(c: Candidate) -> tuple[float, float] | None:
@@ -181,31 +188,67 @@ def _mean(c: Candidate) -> tuple[float, float] | None:
     return (-float(np.mean([s["accuracy"] for s in scores])), float(np.mean([s["loss"] for s in scores])))
 
 
-def _fit_subset(cands, speed, n_in, m, epochs, seconds_allowed):
-    """The most inner-training images (halving from all) for which the stage fits its share."""
-    n = n_in
+def _fit_stage(cands, parts: list[DataSplit], speed: Speed, epochs: int, seconds_allowed: float, seed: int):
+    """The largest subsets of the parts (halving from all their images) on which every candidate
+    runs within `seconds_allowed`, counting what the cache holds and what earlier runs of the stage
+    will leave in it; (None, None) if none fits."""
+    n = len(parts[0].train)
     while n >= 10:
-        cost = sum(seconds(c, speed, n=n, m=m, epochs=epochs) for c in cands)
+        subs = [_subset(p, n, max(200, min(len(p.val), n // 2, 2000)), seed) for p in parts]
+        will = {k: set(v) for k, v in speed.extracted.items()}
+        cost = 0.0
+        for s in subs:
+            for c in cands:
+                cost += predict(c, speed, s, epochs, will)
+                will.setdefault(extraction_key(c), set()).update(p for p, _ in s.train + s.val)
         if cost <= seconds_allowed:
-            return n, cost
+            return subs, cost
         n //= 2
     return None, None
 
 
+def predict(
+    c: Candidate, speed: Speed, split: DataSplit, epochs: int, extracted: dict | None = None
+) -> float:
+    """seconds() for a run of `c` on `split`, knowing which of its images the cache holds."""
+    paths = [p for p, _ in split.train + split.val]
+    done = (speed.extracted if extracted is None else extracted).get(extraction_key(c), set())
+    cached = sum(p in done for p in paths) / max(1, len(paths))
+    return seconds(c, speed, n=len(split.train), m=len(split.val), epochs=epochs, cached=cached)
+
+
+def extraction_key(c: Candidate) -> str:
+    """What a run of `c` leaves in the cache (features, or prefix maps at a size and split point)."""
+    blocks = c.options.get("feature_blocks", 1)
+    return {
+        "features": f"features {c.backbone} {c.size} {blocks}",
+        "prefix": f"maps {c.backbone} {c.size} {c.groups}",
+    }.get(c.kind, "")
+
+
 def _subset(inner: DataSplit, n: int, m: int, seed: int) -> DataSplit:
     """A stratified subset of n inner-training and m inner-validation images."""
-    train = (
-        inner.train
-        if n >= len(inner.train)
-        else stratified_split(inner.train, 1 - n / len(inner.train), seed)[1]
-    )
-    val = inner.val if m >= len(inner.val) else stratified_split(inner.val, 1 - m / len(inner.val), seed)[1]
-    return dataclasses.replace(inner, train=sorted(train), val=sorted(val))
+    return dataclasses.replace(inner, train=sample(inner.train, n, seed), val=sample(inner.val, m, seed))
 
 
-def pilot(cfg, c: Candidate, split: DataSplit, epochs: int, speed: Speed, run: Callable) -> dict:
+def sample(items: list[tuple[str, int]], n: int, seed: int) -> list[tuple[str, int]]:
+    """n of the items, stratified by label and seeded (all of them when n is not smaller)."""
+    if n >= len(items):
+        return list(items)
+    return sorted(stratified_split(items, n / len(items), seed)[1])  # its held-out part has n items
+
+
+def pilot(
+    cfg,
+    c: Candidate,
+    split: DataSplit,
+    epochs: int,
+    speed: Speed,
+    run: Callable,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict:
     """Train one candidate on the inner split; its inner-validation accuracy and its times."""
-    predicted = seconds(c, speed, n=len(split.train), m=len(split.val), epochs=epochs)
+    predicted = predict(c, speed, split, epochs)
     entry = {"name": c.name, "predicted_seconds": round(predicted, 1)}
     options = {
         **c.options,
@@ -214,16 +257,22 @@ def pilot(cfg, c: Candidate, split: DataSplit, epochs: int, speed: Speed, run: C
         "overwrite": True,
         "patience": None,
     }
-    t0 = time.monotonic()
+    t0 = clock()
     with tempfile.TemporaryDirectory(prefix="headstart-auto-") as tmp, _quiet():
         try:
             r = run(cfg.with_overrides({**options, "output": str(Path(tmp) / "run")}), split=split).results
             entry |= {"accuracy": r.val_accuracy, "loss": r.val_loss}
+            if key := extraction_key(c):  # later runs find these images in the cache
+                speed.extracted.setdefault(key, set()).update(p for p, _ in split.train + split.val)
         except RunInterrupted:  # Ctrl-C or SIGTERM: stop searching, not just this pilot
             raise
         except HeadstartError as e:  # a recipe that does not apply here (e.g. a backbone that cannot split)
             entry |= {"accuracy": None, "error": f"{type(e).__name__}: {e}"[:300]}
-    entry["actual_seconds"] = round(time.monotonic() - t0, 1)
+    entry["actual_seconds"] = round(clock() - t0, 1)
+    if c.cost_kind not in speed.correction and predicted > 2 * RUN_OVERHEAD:  # the first of its kind ran cold
+        speed.correction[c.cost_kind] = min(
+            4.0, max(0.5, (entry["actual_seconds"] - RUN_OVERHEAD) / (predicted - RUN_OVERHEAD))
+        )
     c.scores.append(entry)
     acc = (
         f"inner accuracy {entry['accuracy']:.4f}" if entry.get("accuracy") is not None else entry.get("error")
@@ -243,20 +292,25 @@ class _Final:
     train_images: int
 
 
-def final_config(cfg, c: Candidate, speed: Speed, profile: DataProfile, budget: Budget) -> _Final:
+def final_config(cfg, c: Candidate, speed: Speed, split: DataSplit, budget: Budget) -> _Final:
     """The winner on the whole training split with as many epochs as fit in what is left (on a
     stratified subset of it, where even the fewest epochs on all of it would not fit)."""
-    n, m, left = profile.num_train, profile.num_val, SAFETY * budget.left()
+    n, m, left = len(split.train), len(split.val), SAFETY * budget.left()
+    done = speed.extracted.get(extraction_key(c), set())
+    seen = sum(p in done for p, _ in split.train) / max(1, n)  # training images the search extracted
+
+    def cost(n: int, epochs: int) -> float:
+        return seconds(c, speed, n=n, m=m, epochs=epochs, cached=seen * n / (n + m))
+
     lo, hi = FINAL_EPOCHS.get(c.kind, (1, 1))
-    cached = 0.8  # the search saw most training images already: their features or maps are cached
-    while n > 10 * profile.classes and seconds(c, speed, n=n, m=m, epochs=lo, cached=cached) > left:
+    while n > 10 * len(split.classes) and cost(n, lo) > left:
         n = int(n * 0.8)
     epochs = lo
-    while epochs < hi and seconds(c, speed, n=n, m=m, epochs=epochs + 1, cached=cached) <= left:
+    while epochs < hi and cost(n, epochs + 1) <= left:
         epochs += 1
     options = {**c.options, "epochs": c.epochs(epochs) if c.kind != "features" else None}
     final = cfg.with_overrides({**options, "strategy": c.options["strategy"]})
-    return _Final(final, options, seconds(c, speed, n=n, m=m, epochs=epochs, cached=cached), n)
+    return _Final(final, options, cost(n, epochs), n)
 
 
 @contextlib.contextmanager
@@ -282,21 +336,22 @@ def preview(cfg, *, speed: Speed | None = None) -> dict:
     speed = speed or measure(split, [cfg.backbone, *larger], device=cfg.device, weights=cfg.weights)
     everything = grid(profile, speed, cfg.backbone)
     candidates = affordable(everything, speed, profile, budget.left() * SAFETY)
-    n_in, m_in = int(0.8 * profile.num_train), profile.num_train - int(0.8 * profile.num_train)
-    search = SEARCH_SHARE * budget.left()
-    n1, cost1 = _fit_subset(candidates, speed, n_in, min(m_in, 2000), 2, 0.5 * search)
+    k = 3 if len(split.train) * 0.2 < 500 else 1
+    first = folds(split, cfg.seed, k)[0]
+    share = search_share(speed, split, budget.seconds)
+    subs, cost = _fit_stage(candidates, [first], speed, 2, 0.5 * share * budget.left(), cfg.seed)
     rows = []
     for c in everything:
-        final = final_config(cfg, c, speed, profile, budget)
+        final = final_config(cfg, c, speed, split, budget)
+        pilot_s = round(predict(c, speed, subs[0], 2), 1) if subs and c in candidates else None
         rows.append(
             {
                 "name": c.name,
                 "affordable": c in candidates,
                 "options": c.options,
-                "pilot_seconds": round(seconds(c, speed, n=n1 or 0, m=min(m_in, 2000), epochs=2), 1)
-                if c in candidates and n1
-                else None,
+                "pilot_seconds": pilot_s,
                 "final_epochs": final.config.resolved().epochs,
+                "final_images": final.train_images,
                 "final_seconds": round(final.seconds, 1),
             }
         )
@@ -304,8 +359,9 @@ def preview(cfg, *, speed: Speed | None = None) -> dict:
         "budget_seconds": budget.seconds,
         "profile": dataclasses.asdict(profile),
         "speed": speed.to_dict(),
-        "inner_split": {"train": n_in, "val": m_in},
-        "pilot_images": n1,
-        "pilot_seconds": round(cost1, 1) if cost1 else None,
+        "folds": k,
+        "pilot_images": len(subs[0].train) if subs else None,
+        "pilot_val_images": len(subs[0].val) if subs else None,
+        "pilot_seconds": round(cost, 1) if cost else None,
         "candidates": rows,
     }

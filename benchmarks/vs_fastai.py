@@ -1,0 +1,92 @@
+"""headstart `--strategy auto --budget B` against fastai's `fine_tune` on the same split, the same
+EfficientNet-Lite0 ImageNet weights and the same wall time, in one run.
+
+    pip install fastai                      # not a headstart dependency: this benchmark only
+    python benchmarks/vs_fastai.py DATA --budget 5m [--output runs/vs-fastai]
+
+DATA has train/ and val/ (or test/) class folders. headstart runs first, with a cold feature cache;
+its wall time T sets fastai's: `fine_tune(n)` (one frozen epoch, then n unfrozen ones, fastai's
+default recipe with its aug_transforms) with the largest n whose predicted time, from a timed
+first epoch, fits in T. Both are scored on the same validation images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_headstart(data: Path, budget: str, out: Path, cache: str) -> tuple[float, float]:
+    t = time.perf_counter()
+    cmd = [sys.executable, "-m", "headstart", "-q", "train", str(data), "--strategy", "auto", "--budget", budget,
+           "-o", str(out), "--cache-dir", cache, "--overwrite"]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t, json.loads((out / "results.json").read_text())["val_accuracy"]
+
+
+def fastai_learner(data: Path, size: int = 224):
+    """vision_learner on timm's tf_efficientnet_lite0 with the embedded weights, normalised as they
+    expect (mean = std = 0.5); fastai's default item and batch transforms."""
+    import torch
+    from fastai.vision.all import (
+        ImageDataLoaders,
+        Normalize,
+        Resize,
+        accuracy,
+        aug_transforms,
+        vision_learner,
+    )
+
+    from headstart.models.backbones import create_backbone
+
+    val = next(n for n in ("val", "valid", "validation", "test") if (data / n).is_dir())
+    dls = ImageDataLoaders.from_folder(data, train="train", valid=val, item_tfms=Resize(int(size / 0.875)),
+                                       batch_tfms=[*aug_transforms(size=size), Normalize.from_stats([0.5] * 3, [0.5] * 3)],
+                                       bs=32, num_workers=1)  # fmt: skip
+    learn = vision_learner(dls, "tf_efficientnet_lite0", pretrained=False, normalize=False, metrics=accuracy)
+    body = learn.model[0].model if hasattr(learn.model[0], "model") else learn.model[0]
+    weights = create_backbone("efficientnet_lite0").body.state_dict()
+    missing, _ = body.load_state_dict(weights, strict=False)
+    assert not [k for k in missing if not k.startswith("classifier")], missing[:5]
+    torch.set_num_threads(torch.get_num_threads())
+    return learn
+
+
+def run_fastai(data: Path, seconds: float) -> tuple[float, float, int]:
+    t = time.perf_counter()
+    probe = fastai_learner(data)
+    t_epoch = time.perf_counter()
+    probe.fit_one_cycle(1)  # one epoch with the backbone frozen: what fine_tune's first epoch costs
+    epoch = time.perf_counter() - t_epoch
+    setup = t_epoch - t
+    unfrozen_epoch = 1.6 * epoch  # backward through the whole backbone (measured ratio on this box)
+    n = max(1, int((seconds - setup - epoch) / unfrozen_epoch))
+    t = time.perf_counter()
+    learn = fastai_learner(data)
+    learn.fine_tune(n)
+    wall = time.perf_counter() - t
+    return wall, float(learn.validate()[1]), n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("data", type=Path)
+    ap.add_argument("--budget", default="5m")
+    ap.add_argument("--output", type=Path, default=Path("runs/vs-fastai"))
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as cache:
+        t_hs, acc_hs = run_headstart(a.data, a.budget, a.output, cache)
+    t_fa, acc_fa, n = run_fastai(a.data, t_hs)
+    print(f"data {a.data}, budget {a.budget}")
+    print(f"headstart --strategy auto:   val acc {acc_hs:.4f} in {t_hs:.0f}s (cold cache)")
+    print(f"fastai fine_tune({n}):        val acc {acc_fa:.4f} in {t_fa:.0f}s")
+    print(f"DIFFERENCE {100 * (acc_hs - acc_fa):+.1f} points at {t_fa / t_hs:.2f}x the wall time")
+
+
+if __name__ == "__main__":
+    main()
