@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from headstart.core.device import configure_threads
-from headstart.data.loading import make_loader
-from headstart.features.views import FeatureBatches, FeatureDataset
+from headstart.data.loading import SlicedBatches, make_loader
+from headstart.features.views import FeatureDataset
 from headstart.training.checkpoint import ResumableSampler
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     loader = make_loader(
         ds, batch_size=a.batch_size, shuffle=True, sampler=sampler, num_workers=0, drop_last=True
     )
-    sliced = FeatureBatches(ds, sampler, batch_size=a.batch_size, drop_last=True)
+    sliced = SlicedBatches(ds, sampler, batch_size=a.batch_size, drop_last=True)
 
     def via(it):
         def batches(epoch):

@@ -23,8 +23,23 @@ from pathlib import Path
 
 def run_headstart(data: Path, budget: str, out: Path, cache: str) -> tuple[float, float]:
     t = time.perf_counter()
-    cmd = [sys.executable, "-m", "headstart", "-q", "train", str(data), "--strategy", "auto", "--budget", budget,
-           "-o", str(out), "--cache-dir", cache, "--overwrite"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "headstart",
+        "train",
+        str(data),
+        "--strategy",
+        "auto",
+        "--budget",
+        budget,
+        "-o",
+        str(out),
+        "--cache-dir",
+        cache,
+        "--overwrite",
+        "-q",
+    ]
     subprocess.run(cmd, check=True)
     return time.perf_counter() - t, json.loads((out / "results.json").read_text())["val_accuracy"]
 
@@ -45,9 +60,16 @@ def fastai_learner(data: Path, size: int = 224):
     from headstart.models.backbones import create_backbone
 
     val = next(n for n in ("val", "valid", "validation", "test") if (data / n).is_dir())
-    dls = ImageDataLoaders.from_folder(data, train="train", valid=val, item_tfms=Resize(int(size / 0.875)),
-                                       batch_tfms=[*aug_transforms(size=size), Normalize.from_stats([0.5] * 3, [0.5] * 3)],
-                                       bs=32, num_workers=1)  # fmt: skip
+    batch_tfms = [*aug_transforms(size=size), Normalize.from_stats([0.5] * 3, [0.5] * 3)]
+    dls = ImageDataLoaders.from_folder(
+        data,
+        train="train",
+        valid=val,
+        item_tfms=Resize(int(size / 0.875)),
+        batch_tfms=batch_tfms,
+        bs=32,
+        num_workers=1,
+    )
     learn = vision_learner(dls, "tf_efficientnet_lite0", pretrained=False, normalize=False, metrics=accuracy)
     body = learn.model[0].model if hasattr(learn.model[0], "model") else learn.model[0]
     weights = create_backbone("efficientnet_lite0").body.state_dict()

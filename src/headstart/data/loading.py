@@ -152,3 +152,28 @@ def worker_death(e: BaseException) -> str | None:
     else:
         cause = "it was killed or crashed: most often by the kernel's out-of-memory killer"
     return f"a data-loading worker process died ({first}); {cause}"
+
+
+class SlicedBatches:
+    """Batches cut from a dataset that can read many samples at once (`take(rows)`, `y`, `index`):
+    cached features or prefix maps. The same order, batches and values as a DataLoader over it,
+    without a Python call and a collate per sample."""
+
+    def __init__(self, ds, order, *, batch_size: int, drop_last: bool = False):
+        self.ds, self.order, self.batch_size, self.drop_last = ds, order, batch_size, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.order)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        rows = list(self.order)
+        end = len(rows) - len(rows) % self.batch_size if self.drop_last else len(rows)
+        for start in range(0, end, self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            yield Batch(
+                self.ds.take(chunk),
+                torch.as_tensor(self.ds.y)[chunk],
+                torch.as_tensor(self.ds.index)[chunk],
+                [],
+            )

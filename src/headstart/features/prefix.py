@@ -166,6 +166,17 @@ class CachedMaps(Dataset):
             x = x.flip(-2)
         return x, int(self.y[i]), int(self.index[i]), None
 
+    def take(self, rows: list[int]) -> torch.Tensor:
+        """The maps of `rows` as one float32 batch [B, C, H, W], read shard by shard and flipped at
+        random per map (the batched form of __getitem__, for SlicedBatches)."""
+        x = torch.from_numpy(self.cache.read([self.rows[i] for i in rows], math.prod(self.shape)))
+        x = x.view(len(rows), *self.shape).float()
+        for flip, dim in ((self.hflip, -1), (self.vflip, -2)):
+            if flip:
+                chosen = torch.rand(len(rows)) < 0.5
+                x[chosen] = x[chosen].flip(dim)
+        return x
+
 
 @dataclass
 class PrefixInputs:

@@ -15,7 +15,6 @@ from torch.utils.data import Dataset
 from headstart.core import logs
 from headstart.core.distributed import DistInfo, all_gather_objects, shard
 from headstart.data.layout import DataSplit, Skipped
-from headstart.data.loading import Batch
 from headstart.data.transforms import Augment, Preprocess, eval_transform, train_transform
 from headstart.features.cache import FeatureCache, default_cache_dir, model_key, weights_checksum
 from headstart.features.extract import Features, cache_stats, extract_features
@@ -73,27 +72,6 @@ class FeatureDataset(Dataset):
         """Every view as a sample: (x, y, image index) for the linear probe."""
         k = 1 + len(self.views)
         return torch.cat([self.x, *self.views]), self.y.repeat(k), self.index.repeat(k)
-
-
-class FeatureBatches:
-    """Batches of in-memory features, sliced from the tensors: what a DataLoader over a FeatureDataset
-    gives (same order, same batches, same values), without a Python call and a collate per sample."""
-
-    def __init__(self, ds: FeatureDataset, order, *, batch_size: int, drop_last: bool = False):
-        self.ds, self.order, self.batch_size, self.drop_last = ds, order, batch_size, drop_last
-        self.sampler = order  # the loop sets the sampler's epoch and start position
-
-    def __len__(self) -> int:
-        n = len(self.order)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self):
-        rows = list(self.order)
-        end = len(rows) - len(rows) % self.batch_size if self.drop_last else len(rows)
-        for start in range(0, end, self.batch_size):
-            chunk = rows[start : start + self.batch_size]
-            x = self.ds.take(chunk)
-            yield Batch(x, self.ds.y[chunk], self.ds.index[chunk], [])
 
 
 @dataclass

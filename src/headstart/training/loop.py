@@ -24,8 +24,7 @@ from headstart.core.errors import RunInterrupted, TrainingDiverged
 from headstart.core.files import CHECKPOINT, METRICS
 from headstart.data.images import explain_failure, load_image
 from headstart.data.layout import Skipped
-from headstart.data.loading import default_workers, make_loader, worker_death
-from headstart.features.views import FeatureBatches, FeatureDataset
+from headstart.data.loading import SlicedBatches, default_workers, make_loader, worker_death
 from headstart.models.freezing import frozen_tensor_names
 from headstart.training.checkpoint import (
     ResumableSampler,
@@ -249,9 +248,9 @@ def loaders(run: Run, inputs: Inputs):
     per_rank = len(inputs.train) // dist.world
     drop_last = per_rank > cfg.batch_size
     val_rows = shard(list(range(len(inputs.val))), dist)
-    if isinstance(inputs.train, FeatureDataset):  # features in memory: slice batches, no DataLoader
-        train = FeatureBatches(inputs.train, sampler, batch_size=cfg.batch_size, drop_last=drop_last)
-        return train, sampler, FeatureBatches(inputs.val, val_rows, batch_size=max(cfg.batch_size, 64))
+    if hasattr(inputs.train, "take"):  # cached features or maps: read whole batches, no DataLoader
+        train = SlicedBatches(inputs.train, sampler, batch_size=cfg.batch_size, drop_last=drop_last)
+        return train, sampler, SlicedBatches(inputs.val, val_rows, batch_size=max(cfg.batch_size, 64))
     train = make_loader(
         inputs.train,
         batch_size=cfg.batch_size,
