@@ -178,3 +178,14 @@ def test_auto_trains_the_chosen_recipe_and_the_plan_survives_resume(tiny_split, 
     assert r.results.plan["chosen"] == plan["chosen"] and r.results.plan["stages"] == plan["stages"]
     assert r.results.plan["final"]["actual_seconds"] > 0 and r.results.frozen_tensors_changed == 0
     assert json.loads((out / "status.json").read_text())["state"] == "finished"
+
+
+def test_recipe_options_that_auto_chooses_itself_are_named(tmp_path, caplog):
+    """`headstart train DATA --epochs 20` (auto by default) says that 20 is not used, and how to use it."""
+    cfg = TrainConfig(data=str(tmp_path), strategy="auto", epochs=20, unfreeze=3).resolved()
+    assert search.options_auto_chooses(cfg) == ["epochs", "unfreeze"]
+    plain = TrainConfig(data=str(tmp_path), strategy="auto", label_smoothing=0.1).resolved()
+    assert search.options_auto_chooses(plain) == []  # training options auto does not search are kept
+    with pytest.raises(headstart.DataError), caplog.at_level("WARNING", logger="headstart"):
+        search.choose(cfg, run=None, speed=speed())  # an empty folder fails after the warning
+    assert "auto chooses epochs, unfreeze itself" in caplog.text and "--strategy extract" in caplog.text

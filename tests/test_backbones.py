@@ -55,8 +55,9 @@ def test_plain_efficientnet_lite0_is_not_the_right_architecture():
         assert (plain(x) - tf(x)).abs().max().item() > 1e-2
 
 
-@pytest.mark.parametrize("name,size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
-                                       ("efficientnet_lite2", 260)])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)]
+)
 def test_embedded_configs(name, size):
     bb = create_backbone(name)
     c = bb.config
@@ -125,8 +126,10 @@ def test_timm_weights_file_and_random_init(tmp_path):
     path = tmp_path / "w.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, path)
     bb = create_backbone("timm:test_resnet", weights=str(path))
-    assert all(torch.equal(a, b) for a, b in zip(bb.body.state_dict().values(),
-                                                  ref.state_dict().values(), strict=True))  # fmt: skip
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(bb.body.state_dict().values(), ref.state_dict().values(), strict=True)
+    )
     assert create_backbone("timm:test_resnet", weights="none").config.weights == "none"
     with pytest.raises(WeightsError, match="does not fit"):
         create_backbone("timm:test_efficientnet", weights=str(path))
@@ -165,8 +168,17 @@ def test_cli_missing_weights_exit_2_no_traceback(tmp_path):
 
     make_class_tree(tmp_path / "d", per_class=3)
     t0 = time.monotonic()
-    r = run_cli("train", tmp_path / "d", "--backbone", "tv:resnet50", "--output", tmp_path / "run",
-                TORCH_HOME=str(tmp_path / "empty"))  # fmt: skip
+    r = run_cli(
+        "train",
+        "--strategy",
+        "extract",
+        tmp_path / "d",
+        "--backbone",
+        "tv:resnet50",
+        "--output",
+        tmp_path / "run",
+        TORCH_HOME=str(tmp_path / "empty"),
+    )
     assert time.monotonic() - t0 < 60
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
@@ -244,8 +256,11 @@ def test_every_family_locates_then_loads_its_weights(family, caches):
     assert listed[family.example].weights == str(where.path)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES.values() if f.name != "embedded"],
-                         ids=[n for n in FAMILIES if n != "embedded"])  # fmt: skip
+@pytest.mark.parametrize(
+    "family",
+    [f for f in FAMILIES.values() if f.name != "embedded"],
+    ids=[n for n in FAMILIES if n != "embedded"],
+)
 def test_every_family_says_where_it_looked_when_weights_are_missing(family, caches):
     if family.name == "hf":  # the repo's config is cached, its weights are not
         _fake_hf_repo(caches / "hf", "timm/test_efficientnet.r160_in1k", "test_efficientnet", None)
@@ -257,8 +272,9 @@ def test_every_family_says_where_it_looked_when_weights_are_missing(family, cach
     assert bb.config.weights == "none"
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES.values() if f.name != "hf"],
-                         ids=[n for n in FAMILIES if n != "hf"])  # fmt: skip
+@pytest.mark.parametrize(
+    "family", [f for f in FAMILIES.values() if f.name != "hf"], ids=[n for n in FAMILIES if n != "hf"]
+)
 def test_every_family_answers_a_typo_with_the_nearest_names(family):
     name = family.example[:-1] + ("x" if family.example[-1] != "x" else "y")
     with pytest.raises(ConfigError, match=re.escape(family.example.split(":", 1)[-1])):

@@ -78,9 +78,18 @@ def test_decompression_bomb_refused_from_the_header(tmp_path, side):
 @pytest.mark.parametrize("strategy", ["extract", "finetune"])
 def test_training_lists_exactly_the_broken_files(tmp_path, strategy):
     made = make_bad_tree(tmp_path / "data")
-    r = train(tmp_path / "data", output=tmp_path / "run", backbone=TINY, weights="none",
-              strategy=strategy, epochs=2, lr=0.05, batch_size=8, num_workers=0,
-              max_bad_fraction=0.2)  # fmt: skip
+    r = train(
+        tmp_path / "data",
+        output=tmp_path / "run",
+        backbone=TINY,
+        weights="none",
+        strategy=strategy,
+        epochs=2,
+        lr=0.05,
+        batch_size=8,
+        num_workers=0,
+        max_bad_fraction=0.2,
+    )
     results = json.loads((r.run_dir / "results.json").read_text())
     skipped = {s["path"]: s["reason"] for s in results["skipped_files"]}
     expected = {str(p) for p in made["broken"]} | {str(p) for p in made["empty"]}
@@ -113,8 +122,17 @@ def broken_60(root: Path, n_bad: int) -> list[Path]:
 @pytest.mark.parametrize("strategy", ["extract", "finetune"])
 def test_3_of_60_broken_trains_to_the_end(tmp_path, strategy):
     bad = broken_60(tmp_path / "data", 3)
-    r = train(tmp_path / "data", output=tmp_path / "run", backbone=TINY, weights="none",
-              strategy=strategy, epochs=3, lr=0.05, batch_size=8, num_workers=0)  # fmt: skip
+    r = train(
+        tmp_path / "data",
+        output=tmp_path / "run",
+        backbone=TINY,
+        weights="none",
+        strategy=strategy,
+        epochs=3,
+        lr=0.05,
+        batch_size=8,
+        num_workers=0,
+    )
     assert r.results.epochs_run == 3
     assert sorted(s["path"] for s in r.results.skipped_files) == sorted(map(str, bad))
 
@@ -123,8 +141,16 @@ def test_3_of_60_broken_trains_to_the_end(tmp_path, strategy):
 def test_10_of_60_broken_stops_with_the_threshold_message(tmp_path, strategy):
     broken_60(tmp_path / "data", 10)
     with pytest.raises(DataError, match=r"(\d+) of 60 images could not be loaded \(limit 5%") as e:
-        train(tmp_path / "data", output=tmp_path / "run", backbone=TINY, weights="none",
-              strategy=strategy, epochs=3, batch_size=8, num_workers=0)  # fmt: skip
+        train(
+            tmp_path / "data",
+            output=tmp_path / "run",
+            backbone=TINY,
+            weights="none",
+            strategy=strategy,
+            epochs=3,
+            batch_size=8,
+            num_workers=0,
+        )
     # extract reads every file first; finetune stops as soon as the count passes 5% (3 of 60)
     n = int(re.search(r"(\d+) of 60", str(e.value)).group(1))
     assert n == 10 if strategy == "extract" else 3 < n <= 10
@@ -134,8 +160,22 @@ def test_10_of_60_broken_stops_with_the_threshold_message(tmp_path, strategy):
 
 def test_threshold_cli_exit_code_and_doctor_pointer(tmp_path):
     broken_60(tmp_path / "data", 10)
-    r = run_cli("train", tmp_path / "data", "-o", tmp_path / "run", "--backbone", TINY,
-                "--weights", "none", "--epochs", "2", "--workers", "0")  # fmt: skip
+    r = run_cli(
+        "train",
+        "--strategy",
+        "extract",
+        tmp_path / "data",
+        "-o",
+        tmp_path / "run",
+        "--backbone",
+        TINY,
+        "--weights",
+        "none",
+        "--epochs",
+        "2",
+        "--workers",
+        "0",
+    )
     assert r.returncode == 2
     assert "headstart doctor" in r.stderr and "--max-bad-fraction" in r.stderr
     assert "Traceback" not in r.stderr

@@ -15,7 +15,7 @@ from headstart.models.store import load_weights
 
 from conftest import TINY
 
-FAST = dict(backbone=TINY, weights="none", epochs=8, lr=0.05, batch_size=8, num_workers=0)
+FAST = dict(strategy="extract", backbone=TINY, weights="none", epochs=8, lr=0.05, batch_size=8, num_workers=0)
 
 
 def test_rerun_hits_and_touching_one_file_reextracts_only_it(tiny_split, tmp_path):
@@ -114,4 +114,4 @@ def test_cache_views_extracts_augmented_views_once_and_serves_them(tiny_split, t
 
 def test_cache_views_needs_cached_features(tiny_split, tmp_path):
     with pytest.raises(headstart.ConfigError, match="--cache-views 2 applies to cached features"):
-        headstart.train(tiny_split, output=tmp_path / "a", strategy="finetune", cache_views=2, **FAST)
+        headstart.train(tiny_split, output=tmp_path / "a", cache_views=2, **{**FAST, "strategy": "finetune"})

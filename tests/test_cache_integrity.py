@@ -19,7 +19,7 @@ from headstart.features.cache import FeatureCache
 
 from conftest import TINY, run_cli
 
-FAST = dict(backbone=TINY, weights="none", epochs=3, lr=0.05, batch_size=8, num_workers=0)
+FAST = dict(strategy="extract", backbone=TINY, weights="none", epochs=3, lr=0.05, batch_size=8, num_workers=0)
 
 
 def _shards(cache: Path) -> list[Path]:
@@ -70,6 +70,8 @@ def test_a_garbage_index_is_moved_aside_and_rebuilt(warm, tiny_split, tmp_path):
     index.write_bytes(os.urandom(4096))
     r = run_cli(
         "train",
+        "--strategy",
+        "extract",
         tiny_split,
         "-o",
         tmp_path / "again",
@@ -156,6 +158,8 @@ def test_training_on_a_full_cache_disk_stops_with_one_paragraph(tiny_split, tmp_
     filler.write_bytes(b"\0" * (1024 * 1024 - 4 * 1024))  # a few KB left: the cache cannot hold its shards
     r = run_cli(
         "train",
+        "--strategy",
+        "extract",
         tiny_split,
         "-o",
         tmp_path / "run",
@@ -178,6 +182,8 @@ def test_training_on_a_full_cache_disk_stops_with_one_paragraph(tiny_split, tmp_
     filler.unlink()
     r = run_cli(
         "train",
+        "--strategy",
+        "extract",
         tiny_split,
         "-o",
         tmp_path / "run",
@@ -219,6 +225,8 @@ def test_concurrent_runs_sharing_a_cache_agree_and_leave_no_unreferenced_shards(
 
     cache = tmp_path / "cache"
     args = [
+        "--strategy",
+        "extract",
         "--backbone",
         TINY,
         "--weights",
@@ -230,9 +238,25 @@ def test_concurrent_runs_sharing_a_cache_agree_and_leave_no_unreferenced_shards(
         "--cache-dir",
         str(cache),
     ]
-    procs = [subprocess.Popen([sys.executable, "-m", "headstart", "train", str(tiny_split), "-o",
-                               str(tmp_path / f"r{i}"), *args], env=cli_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for i in range(3)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "headstart",
+                "train",
+                str(tiny_split),
+                "-o",
+                str(tmp_path / f"r{i}"),
+                *args,
+            ],
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
     weights = {(tmp_path / f"r{i}" / "model.safetensors").read_bytes() for i in range(3)}

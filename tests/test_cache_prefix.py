@@ -26,8 +26,15 @@ from headstart.training.setup import seed_everything
 
 from conftest import TINY, run_cli
 
-FAST = dict(backbone=TINY, weights="none", strategy="finetune", cache_prefix=True, lr=0.05, batch_size=8,
-            num_workers=0)  # fmt: skip
+FAST = dict(
+    backbone=TINY,
+    weights="none",
+    strategy="finetune",
+    cache_prefix=True,
+    lr=0.05,
+    batch_size=8,
+    num_workers=0,
+)
 
 
 def finetune_model(backbone: Backbone, unfreeze: int = 2, patterns=()) -> TransferModel:
@@ -174,8 +181,19 @@ def test_a_backbone_that_is_not_a_chain_is_refused_naming_it():
 
 
 def test_cli_flag_and_its_error(tiny_split, tmp_path):
-    r = run_cli("train", tiny_split, "-o", tmp_path / "run", "--backbone", TINY, "--weights", "none",
-                "--cache-prefix")  # fmt: skip
+    r = run_cli(
+        "train",
+        "--strategy",
+        "extract",
+        tiny_split,
+        "-o",
+        tmp_path / "run",
+        "--backbone",
+        TINY,
+        "--weights",
+        "none",
+        "--cache-prefix",
+    )
     assert r.returncode == 2
     assert "--cache-prefix works only with --strategy finetune (got 'extract')" in r.stderr
     assert "Traceback" not in r.stderr

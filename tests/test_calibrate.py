@@ -52,8 +52,18 @@ def test_binary_head_probabilities_follow_temperature():
 
 def _noisy_run(tmp_path, tiny_split, **kw):
     # few epochs with a tiny random backbone: right most of the time, far from calibrated
-    return train(tiny_split, output=str(tmp_path / "run"), backbone=TINY, weights="none", epochs=6,
-                 lr=0.05, batch_size=8, num_workers=0, **kw)  # fmt: skip
+    return train(
+        tiny_split,
+        output=str(tmp_path / "run"),
+        strategy="extract",
+        backbone=TINY,
+        weights="none",
+        epochs=6,
+        lr=0.05,
+        batch_size=8,
+        num_workers=0,
+        **kw,
+    )
 
 
 def test_calibrate_stores_temperature_and_predict_uses_it(tmp_path, tiny_split):
@@ -96,8 +106,27 @@ def test_calibrate_refreshes_evaluation(tmp_path, tiny_split):
 @pytest.mark.slow
 def test_cli_train_calibrate(tmp_path, tiny_split):
     out = tmp_path / "run"
-    r = run_cli("train", tiny_split, "-b", TINY, "--weights", "none", "--epochs", "6", "--lr", "0.05",
-                "--batch-size", "8", "--workers", "0", "--calibrate", "-o", out)  # fmt: skip
+    r = run_cli(
+        "train",
+        "--strategy",
+        "extract",
+        tiny_split,
+        "-b",
+        TINY,
+        "--weights",
+        "none",
+        "--epochs",
+        "6",
+        "--lr",
+        "0.05",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--calibrate",
+        "-o",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     assert "ece_before=" in r.stdout and "ece_after=" in r.stdout
     cal = json.loads((out / "results.json").read_text())["calibration"]

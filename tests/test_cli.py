@@ -9,8 +9,22 @@ import headstart
 
 from conftest import TINY, run_cli
 
-TRAIN = ["--backbone", TINY, "--weights", "none", "--epochs", "12", "--lr", "0.05",
-         "--batch-size", "8", "--workers", "0"]  # fmt: skip
+TRAIN = [
+    "--strategy",
+    "extract",
+    "--backbone",
+    TINY,
+    "--weights",
+    "none",
+    "--epochs",
+    "12",
+    "--lr",
+    "0.05",
+    "--batch-size",
+    "8",
+    "--workers",
+    "0",
+]
 
 
 def test_summary_bare_and_after_freezing():
@@ -50,7 +64,7 @@ def test_train_evaluate_predict_roundtrip(tiny_split, tmp_path):
 
 
 def test_user_errors_are_one_paragraph(tmp_path):
-    r = run_cli("train", tmp_path / "nope", "--output", tmp_path / "r")
+    r = run_cli("train", "--strategy", "extract", tmp_path / "nope", "--output", tmp_path / "r")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("predict", tmp_path / "norun", "x.jpg")
     assert r.returncode == 2 and "run folder" in r.stderr and "Traceback" not in r.stderr

@@ -26,8 +26,17 @@ def tiny_run(tmp_path_factory) -> Path:
     make_class_tree(root / "data" / "train", per_class=12)
     make_class_tree(root / "data" / "val", per_class=5, seed=500)
     out = root / "run"
-    headstart.train(str(root / "data"), output=str(out), backbone=TINY, weights="none", epochs=20,
-                    lr=0.05, batch_size=8, num_workers=0)  # fmt: skip
+    headstart.train(
+        str(root / "data"),
+        strategy="extract",
+        output=str(out),
+        backbone=TINY,
+        weights="none",
+        epochs=20,
+        lr=0.05,
+        batch_size=8,
+        num_workers=0,
+    )
     return out
 
 

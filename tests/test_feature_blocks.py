@@ -59,8 +59,15 @@ def test_out_of_range_feature_blocks_names_the_range():
 
 def test_feature_blocks_with_cache_prefix_is_refused(tiny_split, tmp_path):
     with pytest.raises(ConfigError, match="--feature-blocks 2"):
-        headstart.train(str(tiny_split), output=str(tmp_path / "r"), backbone=TINY, weights="none",
-                        strategy="finetune", cache_prefix=True, feature_blocks=2)  # fmt: skip
+        headstart.train(
+            str(tiny_split),
+            output=str(tmp_path / "r"),
+            backbone=TINY,
+            weights="none",
+            strategy="finetune",
+            cache_prefix=True,
+            feature_blocks=2,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +77,19 @@ def multi_run(tmp_path_factory) -> tuple[Path, Path]:
     make_class_tree(root / "data" / "val", per_class=4, seed=9)
     cache = root / "cache"
     out = root / "run"
-    headstart.train(str(root / "data"), output=str(out), backbone=TINY, weights="none", epochs=20,
-                    lr=0.05, batch_size=8, num_workers=0, feature_blocks=2, cache_dir=str(cache))  # fmt: skip
+    headstart.train(
+        str(root / "data"),
+        strategy="extract",
+        output=str(out),
+        backbone=TINY,
+        weights="none",
+        epochs=20,
+        lr=0.05,
+        batch_size=8,
+        num_workers=0,
+        feature_blocks=2,
+        cache_dir=str(cache),
+    )
     return out, cache
 
 
@@ -102,21 +120,45 @@ def test_onnx_export_of_feature_blocks_passes_parity(multi_run, tmp_path):
 
 def test_feature_blocks_get_their_own_cache_entries(multi_run, tmp_path):
     out, cache = multi_run
-    again = headstart.train(str(out.parent / "data"), output=str(tmp_path / "a"), backbone=TINY,
-                            weights="none", epochs=1, batch_size=8, num_workers=0, feature_blocks=2,
-                            cache_dir=str(cache))  # fmt: skip
+    again = headstart.train(
+        str(out.parent / "data"),
+        strategy="extract",
+        output=str(tmp_path / "a"),
+        backbone=TINY,
+        weights="none",
+        epochs=1,
+        batch_size=8,
+        num_workers=0,
+        feature_blocks=2,
+        cache_dir=str(cache),
+    )
     assert again["cache_hit_rate"] == 1.0
-    plain = headstart.train(str(out.parent / "data"), output=str(tmp_path / "b"), backbone=TINY,
-                            weights="none", epochs=1, batch_size=8, num_workers=0,
-                            cache_dir=str(cache))  # fmt: skip
+    plain = headstart.train(
+        str(out.parent / "data"),
+        strategy="extract",
+        output=str(tmp_path / "b"),
+        backbone=TINY,
+        weights="none",
+        epochs=1,
+        batch_size=8,
+        num_workers=0,
+        cache_dir=str(cache),
+    )
     assert plain["cache_hit_rate"] == 0.0
 
 
 def test_linear_probe_uses_the_wider_features(multi_run, tmp_path):
     out, cache = multi_run
-    r = headstart.train(str(out.parent / "data"), output=str(tmp_path / "p"), backbone=TINY, weights="none",
-                        strategy="linear-probe", num_workers=0, feature_blocks=2,
-                        cache_dir=str(cache))  # fmt: skip
+    r = headstart.train(
+        str(out.parent / "data"),
+        output=str(tmp_path / "p"),
+        backbone=TINY,
+        weights="none",
+        strategy="linear-probe",
+        num_workers=0,
+        feature_blocks=2,
+        cache_dir=str(cache),
+    )
     wide = json.loads((out / "model.json").read_text())["backbone"]["feature_dim"]
     assert r["cache_hit_rate"] == 1.0  # the features the extract run cached
     assert json.loads((tmp_path / "p" / "model.json").read_text())["backbone"]["feature_dim"] == wide
@@ -124,9 +166,18 @@ def test_linear_probe_uses_the_wider_features(multi_run, tmp_path):
 
 
 def test_finetune_with_feature_blocks_keeps_the_frozen_blocks_frozen(tiny_split, tmp_path):
-    r = headstart.train(str(tiny_split), output=str(tmp_path / "ft"), backbone=TINY, weights="none",
-                        strategy="finetune", unfreeze=2, feature_blocks=3, epochs=1, batch_size=8,
-                        num_workers=0)  # fmt: skip
+    r = headstart.train(
+        str(tiny_split),
+        output=str(tmp_path / "ft"),
+        backbone=TINY,
+        weights="none",
+        strategy="finetune",
+        unfreeze=2,
+        feature_blocks=3,
+        epochs=1,
+        batch_size=8,
+        num_workers=0,
+    )
     assert r["frozen_tensors_changed"] == 0 and r["trainable_tensors_changed"] > 0
     record = json.loads((tmp_path / "ft" / "model.json").read_text())
     assert record["backbone"]["feature_blocks"] == 3

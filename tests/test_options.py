@@ -19,7 +19,7 @@ from headstart.training.strategies import REGISTRY, public_names, select
 
 from conftest import TINY, run_cli
 
-FAST = dict(backbone=TINY, weights="none", epochs=2, lr=0.05, batch_size=8, num_workers=0)
+FAST = dict(strategy="extract", backbone=TINY, weights="none", epochs=2, lr=0.05, batch_size=8, num_workers=0)
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:
@@ -82,15 +82,15 @@ def test_defaults_and_checks_live_in_resolved():
 
 def test_wrong_option_names_answer_with_the_nearest(tiny_split, tmp_path):
     with pytest.raises(ConfigError, match="Unknown train option.*'batchsize'.*Did you mean: batch_size"):
-        headstart.train(tiny_split, output=tmp_path / "x", batchsize=4)
+        headstart.train(tiny_split, strategy="extract", output=tmp_path / "x", batchsize=4)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("epoch: 3\n")
     with pytest.raises(ConfigError, match="Did you mean: epochs"):
-        headstart.train(tiny_split, output=tmp_path / "x", config=cfg)
+        headstart.train(tiny_split, strategy="extract", output=tmp_path / "x", config=cfg)
 
 
 def test_flat_augmentation_options_and_typed_config(tiny_split, tmp_path):
-    cfg = TrainConfig(**FAST, strategy="finetune").with_overrides({"hflip": False, "rotation": 10})
+    cfg = TrainConfig(**{**FAST, "strategy": "finetune"}).with_overrides({"hflip": False, "rotation": 10})
     assert cfg.augment.hflip is False and cfg.augment.rotation == 10 and cfg.strategy == "finetune"
     r = headstart.train(tiny_split, output=tmp_path / "r", config=cfg, epochs=1)
     options = json.loads((tmp_path / "r" / "config.json").read_text())["options"]
@@ -116,8 +116,16 @@ def test_config_file_flags_override_it_and_config_json_reruns_a_run(tiny_split, 
 
 
 def test_print_config_prints_yaml_that_loads_back(tiny_split, tmp_path):
-    r = run_cli("train", tiny_split, "--strategy", "finetune", "--no-hflip", "--unfreeze-pattern", "x",
-                "--print-config")  # fmt: skip
+    r = run_cli(
+        "train",
+        tiny_split,
+        "--strategy",
+        "finetune",
+        "--no-hflip",
+        "--unfreeze-pattern",
+        "x",
+        "--print-config",
+    )
     assert r.returncode == 0, r.stderr
     printed = yaml.safe_load(r.stdout)
     assert printed["strategy"] == "finetune" and printed["augment"]["hflip"] is False
@@ -157,8 +165,14 @@ def test_every_registered_strategy_trains_and_records_one_run_record(tiny_split,
         )
         assert r.results == headstart.RunResults.read(tmp_path / name)
         common = {k for k in d if not k.startswith(("probe_", "prefix_", "classifier", "cache_prefix"))}
-        common -= {"cache_hit_rate", "features_extracted", "features_from_cache", "head_train_seconds",
-                   "train_loop_seconds", "cache_rows_recomputed"}  # fmt: skip
+        common -= {
+            "cache_hit_rate",
+            "features_extracted",
+            "features_from_cache",
+            "head_train_seconds",
+            "train_loop_seconds",
+            "cache_rows_recomputed",
+        }
         keys = common if keys is None else keys
         assert common == keys, name
 

@@ -20,8 +20,16 @@ def run_and_folder(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("batch")
     make_class_tree(root / "data", per_class=6)
     out = root / "run"
-    headstart.train(str(root / "data"), output=str(out), backbone=TINY, weights="none", epochs=2,
-                    batch_size=8, num_workers=0)  # fmt: skip
+    headstart.train(
+        str(root / "data"),
+        strategy="extract",
+        output=str(out),
+        backbone=TINY,
+        weights="none",
+        epochs=2,
+        batch_size=8,
+        num_workers=0,
+    )
     folder = root / "images"
     make_class_tree(folder, per_class=4, seed=77)
     (folder / "red" / "broken.jpg").write_bytes(b"not a jpeg at all")

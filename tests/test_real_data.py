@@ -20,9 +20,23 @@ def extract_run(tmp_path_factory):
     if not HYMENOPTERA.is_dir():
         pytest.skip(f"{HYMENOPTERA} not present")
     run = tmp_path_factory.mktemp("ants") / "run"
-    r = run_cli("train", HYMENOPTERA, "--output", run)
+    r = run_cli("train", HYMENOPTERA, "--strategy", "extract", "--output", run)
     assert r.returncode == 0, r.stderr
     return run
+
+
+def test_readme_first_command_auto_within_its_budget(hymenoptera, tmp_path):
+    """The README's first command: no strategy named, so auto with its 10-minute budget."""
+    import time
+
+    t0 = time.monotonic()
+    r = run_cli("train", hymenoptera, "--output", tmp_path / "ants")
+    wall = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "ants" / "results.json").read_text())
+    assert wall <= 1.1 * res["plan"]["budget_seconds"] == 660
+    assert res["val_accuracy"] >= 0.95 and res["frozen_tensors_changed"] == 0
+    assert res["plan"]["chosen"] and len(res["plan"]["stages"]) >= 1
 
 
 def test_extract_defaults_reach_accuracy_with_frozen_proof(extract_run):

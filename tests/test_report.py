@@ -15,8 +15,16 @@ from headstart.training.run import train
 
 from conftest import ROOT, TINY, run_cli
 
-SECTIONS = ("summary", "facts", "curves", "confusion", "per-class", "calibration", "top-losses",
-            "suspect-labels")  # fmt: skip
+SECTIONS = (
+    "summary",
+    "facts",
+    "curves",
+    "confusion",
+    "per-class",
+    "calibration",
+    "top-losses",
+    "suspect-labels",
+)
 
 
 def _value(page: str, key: str) -> str:
@@ -43,8 +51,17 @@ def _check_against_evaluation(run, page: str) -> dict:
 
 def test_report_sections_figures_and_numbers(tmp_path, tiny_split):
     # a short run with a random tiny backbone: some mistakes to show
-    res = train(tiny_split, output=str(tmp_path / "run"), backbone=TINY, weights="none", epochs=4,
-                lr=0.05, batch_size=8, num_workers=0)  # fmt: skip
+    res = train(
+        tiny_split,
+        strategy="extract",
+        output=str(tmp_path / "run"),
+        backbone=TINY,
+        weights="none",
+        epochs=4,
+        lr=0.05,
+        batch_size=8,
+        num_workers=0,
+    )
     run = res.run_dir
     path = build_report(run, top_losses=4, suspect_threshold=0.5, device="cpu", num_workers=0)
     page = path.read_text()
@@ -78,8 +95,18 @@ def test_report_sections_figures_and_numbers(tmp_path, tiny_split):
 
 def test_report_cli_on_calibrated_run(tmp_path, tiny_split):
     out = tmp_path / "run"
-    train(tiny_split, output=str(out), backbone=TINY, weights="none", epochs=20, lr=0.05, batch_size=8,
-          num_workers=0, calibrate=True)  # fmt: skip
+    train(
+        tiny_split,
+        strategy="extract",
+        output=str(out),
+        backbone=TINY,
+        weights="none",
+        epochs=20,
+        lr=0.05,
+        batch_size=8,
+        num_workers=0,
+        calibrate=True,
+    )
     r = run_cli("report", out, "--top-losses", "3", "--workers", "0")
     assert r.returncode == 0, r.stderr
     page = (out / "report.html").read_text()
@@ -118,12 +145,26 @@ def test_report_escapes_everything_from_the_run_folder_and_runs_the_model_once(
     """Hostile values in results.json never reach the page as markup; one pass of logits feeds it all."""
     from headstart.inference.predictor import Predictor
 
-    run = train(tiny_split, output=str(tmp_path / "run"), backbone=TINY, weights="none", epochs=2, lr=0.05,
-                batch_size=8, num_workers=0).run_dir  # fmt: skip
+    run = train(
+        tiny_split,
+        strategy="extract",
+        output=str(tmp_path / "run"),
+        backbone=TINY,
+        weights="none",
+        epochs=2,
+        lr=0.05,
+        batch_size=8,
+        num_workers=0,
+    ).run_dir
     results = json.loads((run / "results.json").read_text())
     evil = "<script>alert(1)</script>"
-    results.update(best_epoch=evil, epochs_run=evil, head=evil, device=evil,
-                   skipped_files=[{"path": evil, "reason": evil}])  # fmt: skip
+    results.update(
+        best_epoch=evil,
+        epochs_run=evil,
+        head=evil,
+        device=evil,
+        skipped_files=[{"path": evil, "reason": evil}],
+    )
     (run / "results.json").write_text(json.dumps(results))
     seen = []
     real = Predictor.logits_tensor

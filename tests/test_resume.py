@@ -23,8 +23,22 @@ from headstart.training.run import resume, train
 from conftest import TINY, cli_env, make_class_tree, run_cli
 
 # finetune: the backbone trains too, so BN statistics, optimizer moments and augmentation all matter
-ARGS = ["--backbone", TINY, "--weights", "none", "--strategy", "finetune", "--epochs", "4",
-        "--lr", "0.05", "--batch-size", "4", "--seed", "3"]  # fmt: skip
+ARGS = [
+    "--backbone",
+    TINY,
+    "--weights",
+    "none",
+    "--strategy",
+    "finetune",
+    "--epochs",
+    "4",
+    "--lr",
+    "0.05",
+    "--batch-size",
+    "4",
+    "--seed",
+    "3",
+]
 
 
 @pytest.fixture
@@ -150,8 +164,17 @@ def test_kill_during_save_keeps_previous_checkpoint(tiny_split, tmp_path, monkey
         return real_replace(src, dst)
 
     monkeypatch.setattr(runs.os, "replace", flaky_replace)
-    opts = dict(backbone=TINY, weights="none", strategy=strategy, epochs=3, lr=0.05, batch_size=8,
-                num_workers=0, seed=1, dropout=0.2)  # fmt: skip
+    opts = dict(
+        backbone=TINY,
+        weights="none",
+        strategy=strategy,
+        epochs=3,
+        lr=0.05,
+        batch_size=8,
+        num_workers=0,
+        seed=1,
+        dropout=0.2,
+    )
     with pytest.raises(OSError, match="simulated crash"):
         train(tiny_split, output=run, checkpoint_every=2, **opts)
     ck = load_checkpoint(run / CHECKPOINT)  # the third save (epoch 2, batch 1), complete
@@ -191,8 +214,10 @@ def test_unfinished_run_is_not_silently_restarted(tiny_split, tmp_path):
     run.mkdir()
     (run / CHECKPOINT).write_bytes(b"x")
     with pytest.raises(ConfigError, match="--resume"):
-        train(tiny_split, output=run, backbone=TINY, weights="none", epochs=1)
-    done = train(tiny_split, output=tmp_path / "done", backbone=TINY, weights="none", epochs=1)
+        train(tiny_split, strategy="extract", output=run, backbone=TINY, weights="none", epochs=1)
+    done = train(
+        tiny_split, strategy="extract", output=tmp_path / "done", backbone=TINY, weights="none", epochs=1
+    )
     with pytest.raises(ConfigError, match="finished run"):
         resume(done.run_dir)
 

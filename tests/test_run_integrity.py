@@ -25,8 +25,21 @@ from headstart.training.run import resume, train
 
 from conftest import TINY, cli_env, make_class_tree, make_image, run_cli
 
-FAST = dict(backbone=TINY, weights="none", epochs=2, lr=0.05, batch_size=8, num_workers=0)
-CLI = ["--backbone", TINY, "--weights", "none", "--epochs", "2", "--lr", "0.05", "--batch-size", "8"]
+FAST = dict(strategy="extract", backbone=TINY, weights="none", epochs=2, lr=0.05, batch_size=8, num_workers=0)
+CLI = [
+    "--strategy",
+    "extract",
+    "--backbone",
+    TINY,
+    "--weights",
+    "none",
+    "--epochs",
+    "2",
+    "--lr",
+    "0.05",
+    "--batch-size",
+    "8",
+]
 
 
 def _mount(path: Path, *options: str) -> bool:

@@ -66,7 +66,18 @@ def test_malicious_pickle_refused_as_checkpoint(tmp_path):
 
 def test_malicious_weights_via_cli_is_exit_2(tmp_path, tiny_split):
     path, marker = evil_file(tmp_path, "evil.pth")
-    r = run_cli("train", tiny_split, "-o", tmp_path / "run", "--backbone", TINY, "--weights", path)
+    r = run_cli(
+        "train",
+        "--strategy",
+        "extract",
+        tiny_split,
+        "-o",
+        tmp_path / "run",
+        "--backbone",
+        TINY,
+        "--weights",
+        path,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and "evil.pth" in r.stderr
     assert not marker.exists()
 
@@ -97,8 +108,17 @@ def test_nan_loss_stops_within_one_step_and_names_the_batch(tiny_split, tmp_path
     monkeypatch.setattr(SETUP_MODULE, "make_loss", poisoned)
     run = tmp_path / "run"
     with pytest.raises(TrainingDiverged) as e:
-        train(tiny_split, output=run, backbone=TINY, weights="none", strategy="finetune",
-              epochs=2, batch_size=4, num_workers=0, checkpoint_every=1)  # fmt: skip
+        train(
+            tiny_split,
+            output=run,
+            backbone=TINY,
+            weights="none",
+            strategy="finetune",
+            epochs=2,
+            batch_size=4,
+            num_workers=0,
+            checkpoint_every=1,
+        )
     assert len(calls) == 3, "stopped at the first non-finite loss"
     files = re.findall(r"(/\S+?\.png)", str(e.value))
     assert len(files) == 4 and all(Path(f).is_file() and str(tiny_split) in f for f in files)
@@ -111,8 +131,24 @@ def test_nan_loss_stops_within_one_step_and_names_the_batch(tiny_split, tmp_path
 @pytest.mark.parametrize("lr", ["1e30", "1e38"])  # NaN loss; optimizer overflow
 def test_huge_lr_diverges_with_exit_3_and_no_saved_model(tiny_split, tmp_path, lr):
     run = tmp_path / "run"
-    r = run_cli("train", tiny_split, "-o", run, "--backbone", TINY, "--weights", "none",
-                "--strategy", "finetune", "--lr", lr, "--epochs", "3", "--workers", "0")  # fmt: skip
+    r = run_cli(
+        "train",
+        tiny_split,
+        "-o",
+        run,
+        "--backbone",
+        TINY,
+        "--weights",
+        "none",
+        "--strategy",
+        "finetune",
+        "--lr",
+        lr,
+        "--epochs",
+        "3",
+        "--workers",
+        "0",
+    )
     assert r.returncode == 3, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "Lower --lr" in r.stderr
     if lr == "1e30":
@@ -126,8 +162,16 @@ def test_same_seed_same_weights_with_0_and_2_workers(tmp_path):
     make_class_tree(data / "train", per_class=10)
     make_class_tree(data / "val", per_class=4, seed=500)
     # augmentation (random crops, flips) and dropout both draw random numbers
-    opts = dict(backbone=TINY, weights="none", strategy="finetune", epochs=2, lr=0.05, batch_size=4,
-                seed=7, dropout=0.3)  # fmt: skip
+    opts = dict(
+        backbone=TINY,
+        weights="none",
+        strategy="finetune",
+        epochs=2,
+        lr=0.05,
+        batch_size=4,
+        seed=7,
+        dropout=0.3,
+    )
     runs = [train(data, output=tmp_path / f"r{i}", num_workers=w, **opts) for i, w in enumerate((0, 2, 0))]
     weights = [(r.run_dir / "model.safetensors").read_bytes() for r in runs]
     assert weights[0] == weights[1] == weights[2]
@@ -155,16 +199,24 @@ def test_deterministic_flag_turns_on_torch_deterministic_algorithms(tiny_split, 
     monkeypatch.setattr(RUN_MODULE, "setup_run", setup_run)
     before = torch.are_deterministic_algorithms_enabled()
     with pytest.raises(Seen):
-        train(tiny_split, output=tmp_path / "a", deterministic=True)
+        train(tiny_split, strategy="extract", output=tmp_path / "a", deterministic=True)
     with pytest.raises(Seen):
-        train(tiny_split, output=tmp_path / "b")
+        train(tiny_split, strategy="extract", output=tmp_path / "b")
     assert seen == [True, before] and torch.are_deterministic_algorithms_enabled() == before
 
 
 @pytest.fixture
 def tiny_run(tiny_split, tmp_path):
-    train(tiny_split, output=tmp_path / "run", backbone=TINY, weights="none", epochs=1, batch_size=8,
-          num_workers=0)  # fmt: skip
+    train(
+        tiny_split,
+        strategy="extract",
+        output=tmp_path / "run",
+        backbone=TINY,
+        weights="none",
+        epochs=1,
+        batch_size=8,
+        num_workers=0,
+    )
     return tmp_path / "run"
 
 

@@ -15,7 +15,9 @@ from headstart.core.errors import ConfigError
 
 from conftest import TINY
 
-FAST = dict(backbone=TINY, weights="none", epochs=12, lr=0.05, batch_size=8, num_workers=0)
+FAST = dict(
+    strategy="extract", backbone=TINY, weights="none", epochs=12, lr=0.05, batch_size=8, num_workers=0
+)
 
 
 def test_extract_writes_the_run_contract(tiny_split, tmp_path):
@@ -24,9 +26,21 @@ def test_extract_writes_the_run_contract(tiny_split, tmp_path):
     for f in ("config.json", "metrics.csv", "model.safetensors", "model.json", "results.json", "split.json"):
         assert (out / f).is_file(), f
     res = json.loads((out / "results.json").read_text())
-    for key in ("val_accuracy", "val_loss", "best_epoch", "train_seconds", "trainable_params",
-                "frozen_params", "frozen_tensors_checked", "frozen_tensors_changed",
-                "trainable_tensors_changed", "device", "num_train", "num_val", "skipped_files"):  # fmt: skip
+    for key in (
+        "val_accuracy",
+        "val_loss",
+        "best_epoch",
+        "train_seconds",
+        "trainable_params",
+        "frozen_params",
+        "frozen_tensors_checked",
+        "frozen_tensors_changed",
+        "trainable_tensors_changed",
+        "device",
+        "num_train",
+        "num_val",
+        "skipped_files",
+    ):
         assert key in res, key
     assert res["val_accuracy"] == 1.0 and r["val_accuracy"] == 1.0
     assert res["frozen_tensors_changed"] == 0 and res["frozen_tensors_checked"] > 50
@@ -59,8 +73,9 @@ def test_saved_model_predicts_identically_after_fresh_load(tiny_split, tmp_path)
 
 @pytest.mark.parametrize("strategy", ["finetune", "full", "scratch"])
 def test_backbone_training_strategies(tiny_split, tmp_path, strategy):
-    r = headstart.train(tiny_split, output=tmp_path / strategy, strategy=strategy,
-                        **{**FAST, "epochs": 6, "lr": 0.01})  # fmt: skip
+    r = headstart.train(
+        tiny_split, output=tmp_path / strategy, **{**FAST, "strategy": strategy, "epochs": 6, "lr": 0.01}
+    )
     res = r.results.to_dict()
     assert res["frozen_tensors_changed"] == 0
     if strategy == "finetune":
@@ -72,9 +87,17 @@ def test_backbone_training_strategies(tiny_split, tmp_path, strategy):
 
 
 def test_options_binary_head_sgd_step_schedule_class_weights(tiny_split, tmp_path):
-    r = headstart.train(tiny_split, output=tmp_path / "b", head="binary", optimizer="sgd",
-                        schedule="step", step_size=5, class_weights="balanced",
-                        label_smoothing=0.1, **FAST)  # fmt: skip
+    r = headstart.train(
+        tiny_split,
+        output=tmp_path / "b",
+        head="binary",
+        optimizer="sgd",
+        schedule="step",
+        step_size=5,
+        class_weights="balanced",
+        label_smoothing=0.1,
+        **FAST,
+    )
     assert r["val_accuracy"] == 1.0 and r["head"].endswith("→1")
     lrs = [m["lr"] for m in r.metrics]
     assert lrs[0] == pytest.approx(0.05) and lrs[-1] == pytest.approx(0.0005)
@@ -89,8 +112,9 @@ def test_early_stopping(tiny_split, tmp_path):
     (tiny_split / "val" / "green").rename(tiny_split / "val" / "red")
     (tmp_path / "tmp").rename(tiny_split / "val" / "green")
     (tiny_split / "val").rename(swapped)
-    r = headstart.train(tiny_split / "train", val=swapped, output=tmp_path / "es", patience=2,
-                        **{**FAST, "epochs": 40})  # fmt: skip
+    r = headstart.train(
+        tiny_split / "train", val=swapped, output=tmp_path / "es", patience=2, **{**FAST, "epochs": 40}
+    )
     assert r["epochs_run"] == r["best_epoch"] + 2 < 40
 
 
@@ -100,12 +124,12 @@ def test_refuses_to_overwrite_and_bad_options(tiny_split, tmp_path):
         headstart.train(tiny_split, output=tmp_path / "r", **{**FAST, "epochs": 1})
     headstart.train(tiny_split, output=tmp_path / "r", overwrite=True, **{**FAST, "epochs": 1})
     with pytest.raises(ConfigError, match="Unknown train option"):
-        headstart.train(tiny_split, output=tmp_path / "x", epoch=3)
+        headstart.train(tiny_split, strategy="extract", output=tmp_path / "x", epoch=3)
     with pytest.raises(ConfigError, match="strategy"):
         headstart.train(tiny_split, output=tmp_path / "x", strategy="magic")
 
 
 def test_seeded_runs_repeat(tiny_split, tmp_path):
-    a = headstart.train(tiny_split, output=tmp_path / "a", strategy="finetune", **{**FAST, "epochs": 2})
-    b = headstart.train(tiny_split, output=tmp_path / "b", strategy="finetune", **{**FAST, "epochs": 2})
+    a = headstart.train(tiny_split, output=tmp_path / "a", **{**FAST, "strategy": "finetune", "epochs": 2})
+    b = headstart.train(tiny_split, output=tmp_path / "b", **{**FAST, "strategy": "finetune", "epochs": 2})
     assert a.metrics[-1]["train_loss"] == b.metrics[-1]["train_loss"]

@@ -139,6 +139,13 @@ def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | None = None)
     return Backbone(built.body, built.config, built.groups)
 
 
+def check_weights(name: str, weights: str | None = None) -> None:
+    """Fail now, naming where it looked, when `name`'s weights are not on this machine (nothing built)."""
+    family, arch = resolve_name(name)
+    family.check(arch)
+    resolve_weights(family, arch, weights)
+
+
 def resolve_weights(family: Family, arch: str, weights: str | None) -> WeightsLocation | None:
     """Where the weights for `arch` come from: None for random init; WeightsError when missing."""
     if weights is not None and weights.lower() in ("none", "random", "scratch"):

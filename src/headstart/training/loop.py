@@ -122,9 +122,8 @@ def train_epoch(net: nn.Module, loader, state: LoopState, epoch: int, totals: di
             raise interrupted(stop.signal, run, epoch, totals["batches"], per_epoch)
         # under a budget (auto) Ctrl-C ends training like the deadline does: the best epoch is the model
         if budgeted and (stop or time.monotonic() > run.deadline):
-            logs.info(
-                f"budget: the time is up in epoch {epoch}; the best epoch ({state.best['epoch']}) is kept"
-            )
+            why = f"{stop.signal} received" if stop else "the time is up"
+            logs.info(f"budget: {why} in epoch {epoch}; the best epoch ({state.best['epoch']}) is the model")
             raise OutOfTime
     return epoch_result(totals, run)
 

@@ -47,12 +47,12 @@ class TrainConfig:
     )
     weights: str | None = option(None, help="weights FILE (.safetensors/.pth), or 'none' for random init")
     strategy: str = option(
-        "extract",
+        "auto",
         short="-s",
         choices=public_names,
-        help="extract: frozen backbone, train the head; linear-probe: logistic regression on "
-        "the features; finetune: the last --unfreeze block groups train too; full: "
-        "everything trains; scratch: random init",
+        help="auto: measure, search and train the best recipe within --budget (docs/auto.md); extract: "
+        "frozen backbone, train the head; linear-probe: logistic regression on the features; finetune: "
+        "the last --unfreeze block groups train too; full: everything trains; scratch: random init",
     )
     unfreeze: int = option(2, help="finetune: number of last block groups to train", min=0)
     unfreeze_patterns: tuple[str, ...] = option(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from headstart.core import logs
-from headstart.core.errors import HeadstartError, RunInterrupted
+from headstart.core.errors import ConfigError, HeadstartError, RunInterrupted
 from headstart.data.layout import DataSplit, resolve_data, stratified_split
+from headstart.models.backbones import check_weights
 from headstart.training.auto.budget import Budget, parse_duration
 from headstart.training.auto.candidates import BASE, LARGER, RUN_OVERHEAD, Candidate, grid, seconds
 from headstart.training.auto.profile import DataProfile, Speed, measure
@@ -44,8 +46,16 @@ def choose(
     cfg, *, run: Callable, clock: Callable[[], float] = time.monotonic, speed: Speed | None = None
 ) -> Plan:
     """Measure, search and return the final run's config; `run(cfg, split=...)` trains one pilot."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--strategy auto runs in one process: run it without torchrun, or name a strategy.")
     budget = Budget(parse_duration(cfg.budget), clock)
+    if overridden := options_auto_chooses(cfg):
+        logs.warning(
+            f"auto chooses {', '.join(overridden)} itself, so the value you gave is not used: name a "
+            "strategy (e.g. --strategy extract or finetune) to train with your own."
+        )
     split = resolve_data(cfg.data, val=cfg.val, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    check_weights(cfg.backbone, cfg.weights)  # missing weights: say so now, not after the search
     profile = DataProfile.of(split)
     # other embedded backbones are tried beside the default one, where the budget allows
     larger = [*LARGER] if budget.seconds >= 1800 and cfg.backbone == BASE and cfg.weights is None else []
@@ -82,6 +92,15 @@ def choose(
         f"{budget.left():.0f}s left"
     )
     return Plan(final.config, budget.deadline, record, subset)
+
+
+def options_auto_chooses(cfg) -> list[str]:
+    """The recipe options (epochs, lr, ...) that auto picks itself but that `cfg` sets to non-defaults."""
+    chosen = ("epochs", "lr", "unfreeze", "image_size", "backbone_lr_mult", "feature_blocks", "cache_prefix")
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    # resolved() fills epochs and lr with auto's placeholders (1 and 1e-3)
+    unset = {"epochs": (None, 1), "lr": (None, 1e-3)}
+    return [n for n in chosen if getattr(cfg, n) not in unset.get(n, (defaults[n],))]
 
 
 def affordable(candidates: list[Candidate], speed: Speed, profile: DataProfile, seconds_left: float):
