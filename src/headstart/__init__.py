@@ -8,7 +8,7 @@ Layers, each importing only those above it in this list:
   inference  a stored model run on images: predictions and logits (PyTorch or ONNX Runtime)
   training   options, run setup, the loop, checkpoints, strategy plug-ins, the run record
   insight    evaluation, calibration, report, compare, summary, bench
-  deploy     export, batch prediction, Ray
+  deploy     export, batch prediction, Ray, the HTTP service (public path: headstart.serve)
   cli        the command line, over the API below
 """
 

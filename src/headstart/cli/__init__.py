@@ -191,6 +191,18 @@ def _plan_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(option_dests=add_fields(p, TrainConfig, only=only, suppress=True), func=c.cmd_plan)
 
 
+def _serve_parser(p: argparse.ArgumentParser) -> None:
+    from headstart.deploy.serve_http import ServeConfig
+
+    p.add_argument("run", help="run folder made by `headstart train` (or a .onnx file with --engine onnx)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--workers", type=int, default=1, help="server processes, each with its own copy of the model"
+    )
+    p.set_defaults(option_dests=add_fields(p, ServeConfig), func=c.cmd_serve)
+
+
 def _cache_parser(p: argparse.ArgumentParser) -> None:
     from headstart.training.options import TrainConfig
 
@@ -220,6 +232,7 @@ COMMANDS = (
     ("compare", "train several strategies/backbones on one split, tabulate", _compare_parser),
     ("export", "export a run to ONNX / TorchScript / safetensors, with a parity check", _export_parser),
     ("cache", "show or clean the feature cache", _cache_parser),
+    ("serve", "an HTTP prediction service with a web page", _serve_parser),
     ("plan", "what `--strategy auto` would try on DATA within --budget, and what each costs", _plan_parser),
 )
 

@@ -316,3 +316,18 @@ def cmd_plan(a: argparse.Namespace) -> int:
             f"{r['final_seconds']:>9.0f}{mark}"
         )
     return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    """headstart serve."""
+    from headstart.core.options import checked
+    from headstart.deploy.serve import check_exposure, serve
+    from headstart.deploy.serve_http import ServeConfig
+
+    options = given(a, a.option_dests)
+    options["api_key"] = options.get("api_key") or os.environ.get("HEADSTART_API_KEY") or None
+    cfg = checked(ServeConfig(**options))
+    check_exposure(a.host, cfg.api_key)
+    print(f"serving {a.run} on http://{a.host}:{a.port}/ (Ctrl-C or SIGTERM drains and stops)", flush=True)
+    serve(a.run, cfg, host=a.host, port=a.port, workers=a.workers)
+    return 0
