@@ -6,8 +6,10 @@ EfficientNet-Lite0 ImageNet weights and the same wall time, in one run.
 
 DATA has train/ and val/ (or test/) class folders. headstart runs first, with a cold feature cache;
 its wall time T sets fastai's: `fine_tune(n)` (one frozen epoch, then n unfrozen ones, fastai's
-default recipe with its aug_transforms) with the largest n whose predicted time, from a timed
-first epoch, fits in T. Both are scored on the same validation images.
+default recipe with its aug_transforms, at the input size headstart chose) with the largest n
+whose predicted time, from a timed first epoch, fits in T; where that run takes under 0.9 T,
+fine_tune(n + 1) runs too, so fastai is also shown with more time than headstart had. Both are
+scored on the same validation images.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import time
 from pathlib import Path
 
 
-def run_headstart(data: Path, budget: str, out: Path, cache: str) -> tuple[float, float]:
+def run_headstart(data: Path, budget: str, out: Path, cache: str) -> tuple[float, float, int]:
+    """headstart's wall time, validation accuracy and the input size auto chose."""
     t = time.perf_counter()
     cmd = [
         sys.executable,
@@ -41,7 +44,9 @@ def run_headstart(data: Path, budget: str, out: Path, cache: str) -> tuple[float
         "-q",
     ]
     subprocess.run(cmd, check=True)
-    return time.perf_counter() - t, json.loads((out / "results.json").read_text())["val_accuracy"]
+    wall = time.perf_counter() - t
+    size = json.loads((out / "model.json").read_text())["preprocessing"]["input_size"]
+    return wall, json.loads((out / "results.json").read_text())["val_accuracy"], size
 
 
 def fastai_learner(data: Path, size: int = 224):
@@ -79,20 +84,26 @@ def fastai_learner(data: Path, size: int = 224):
     return learn
 
 
-def run_fastai(data: Path, seconds: float) -> tuple[float, float, int]:
+def run_fastai(data: Path, seconds: float, size: int) -> tuple[int, float]:
+    """The largest n for which fine_tune(n) is predicted to fit in `seconds`, and the time of one
+    frozen epoch (fine_tune's first)."""
     t = time.perf_counter()
-    probe = fastai_learner(data)
+    probe = fastai_learner(data, size)
     t_epoch = time.perf_counter()
     probe.fit_one_cycle(1)  # one epoch with the backbone frozen: what fine_tune's first epoch costs
     epoch = time.perf_counter() - t_epoch
     setup = t_epoch - t
     unfrozen_epoch = 1.6 * epoch  # backward through the whole backbone (measured ratio on this box)
-    n = max(1, int((seconds - setup - epoch) / unfrozen_epoch))
+    return max(1, int((seconds - setup - epoch) / unfrozen_epoch)), epoch
+
+
+def fine_tune(data: Path, n: int, size: int) -> tuple[float, float]:
+    """fastai's fine_tune(n) from a fresh learner: wall time and validation accuracy."""
     t = time.perf_counter()
-    learn = fastai_learner(data)
+    learn = fastai_learner(data, size)
     learn.fine_tune(n)
     wall = time.perf_counter() - t
-    return wall, float(learn.validate()[1]), n
+    return wall, float(learn.validate()[1])
 
 
 def main() -> None:
@@ -102,12 +113,17 @@ def main() -> None:
     ap.add_argument("--output", type=Path, default=Path("runs/vs-fastai"))
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as cache:
-        t_hs, acc_hs = run_headstart(a.data, a.budget, a.output, cache)
-    t_fa, acc_fa, n = run_fastai(a.data, t_hs)
-    print(f"data {a.data}, budget {a.budget}")
+        t_hs, acc_hs, size = run_headstart(a.data, a.budget, a.output, cache)
+    n, _ = run_fastai(a.data, t_hs, size)
+    runs = [(n, *fine_tune(a.data, n, size))]
+    if runs[0][1] < 0.9 * t_hs:  # fine_tune(n) took less time than headstart: also give it one more epoch
+        runs.append((n + 1, *fine_tune(a.data, n + 1, size)))
+    print(f"data {a.data}, budget {a.budget}, {size} px (the size headstart chose) for both")
     print(f"headstart --strategy auto:   val acc {acc_hs:.4f} in {t_hs:.0f}s (cold cache)")
-    print(f"fastai fine_tune({n}):        val acc {acc_fa:.4f} in {t_fa:.0f}s")
-    print(f"DIFFERENCE {100 * (acc_hs - acc_fa):+.1f} points at {t_fa / t_hs:.2f}x the wall time")
+    for k, t_fa, acc_fa in runs:
+        print(f"fastai fine_tune({k}):        val acc {acc_fa:.4f} in {t_fa:.0f}s")
+        gap, ratio = 100 * (acc_hs - acc_fa), t_fa / t_hs
+        print(f"  DIFFERENCE {gap:+.1f} points, fastai at {ratio:.2f}x headstart's wall time")
 
 
 if __name__ == "__main__":
