@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from headstart.insight.calibrate import calibrate
 from headstart.insight.report import FIGURES, SUSPECT_COLUMNS, build_report
 from headstart.training.run import train
 
@@ -22,6 +23,7 @@ SECTIONS = (
     "confusion",
     "per-class",
     "calibration",
+    "unknown",
     "top-losses",
     "suspect-labels",
 )
@@ -63,9 +65,15 @@ def test_report_sections_figures_and_numbers(tmp_path, tiny_split):
         num_workers=0,
     )
     run = res.run_dir
+    calibrate(run, device="cpu", num_workers=0, coverage=0.8, accept=0.9)
     path = build_report(run, top_losses=4, suspect_threshold=0.5, device="cpu", num_workers=0)
     page = path.read_text()
     assert path == run / "report.html"
+    cal = json.loads((run / "results.json").read_text())["calibration"]
+    raw, _ = _value(page, "sets-coverage")  # on the fit's own images: at least the target
+    assert float(raw) >= 0.8 and "Held out: coverage" in page
+    raw, _ = _value(page, "ood-accepted")
+    assert float(raw) >= 0.9 and f"{cal['ood']['held_out']['acceptance_mean']:.4f}" in page
     for s in SECTIONS:
         assert f"id='{s}'" in page, s
     for f in FIGURES:

@@ -129,7 +129,17 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
         help="onnx: ONNX Runtime on RUN/model.onnx (or RUN given as a .onnx file); see `headstart export`",
     )
     p.add_argument("--resume", action="store_true", help="with --csv: skip images already in the file")
-    p.set_defaults(func=c.cmd_predict)
+    p.add_argument(
+        "--sets",
+        action="store_true",
+        help="add each image's conformal prediction set (fitted by `headstart calibrate`)",
+    )
+    p.add_argument(
+        "--reject",
+        action="store_true",
+        help="label images that look like none of the classes 'unknown' (fitted by calibrate)",
+    )
+    p.set_defaults(func=c.cmd_predict)  # fmt: skip
 
 
 def _bench_parser(p: argparse.ArgumentParser) -> None:
@@ -153,8 +163,34 @@ def _evaluate_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate_parser(p: argparse.ArgumentParser) -> None:
+    from headstart.inference.uncertainty import SET_METHODS
+
     _eval_options(p)
-    p.set_defaults(func=c.cmd_calibrate)
+    p.add_argument(
+        "--coverage",
+        type=float,
+        default=0.95,
+        help="prediction sets hold the true label this often (predict --sets)",
+    )
+    p.add_argument(
+        "--method",
+        choices=SET_METHODS,
+        default="lac",
+        help="set score: lac (smallest sets) or aps (sets grow with uncertainty, never empty)",
+    )
+    p.add_argument(
+        "--accept",
+        type=float,
+        default=0.95,
+        help="share of in-distribution images that rejection accepts (predict --reject)",
+    )
+    p.add_argument("--no-sets", action="store_true", help="fit the temperature and rejection only")
+    p.add_argument(
+        "--no-reject",
+        action="store_true",
+        help="skip rejection (it needs one pass over up to 2000 training images)",
+    )
+    p.set_defaults(func=c.cmd_calibrate)  # fmt: skip
 
 
 def _report_parser(p: argparse.ArgumentParser) -> None:

@@ -131,6 +131,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if a.resume and not a.csv:
         raise ConfigError("--resume needs --csv FILE: it skips the images already in that file.")
     predictor = open_predictor(a.run, engine=a.engine, device=a.device)
+    predictor.require(sets=a.sets, reject=a.reject)
     if a.csv:
         from headstart.deploy.batch import predict_to_csv
 
@@ -142,18 +143,23 @@ def cmd_predict(a: argparse.Namespace) -> int:
             batch_size=a.batch_size,
             num_workers=a.num_workers,
             resume=a.resume,
+            sets=a.sets,
+            reject=a.reject,
         )
         print(summary.describe())
         return 0
     paths = image_paths(a.inputs)
     for p in predictor.predict_paths(
-        paths, top_k=a.top_k, batch_size=a.batch_size, num_workers=a.num_workers
+        paths, top_k=a.top_k, batch_size=a.batch_size, num_workers=a.num_workers, reject=a.reject
     ):
         if p.error:
             print(f"{p.path}\tERROR\t{p.error}")
-        else:
-            pairs = "\t".join(f"{lab}\t{pr:.4f}" for lab, pr in zip(p.labels, p.probabilities, strict=True))
-            print(f"{p.path}\t{pairs}")
+            continue
+        pairs = "\t".join(f"{lab}\t{pr:.4f}" for lab, pr in zip(p.labels, p.probabilities, strict=True))
+        if p.unknown:
+            pairs = f"unknown\t(closest: {pairs})"
+        extra = f"\tset={{{', '.join(p.set)}}}" if a.sets else ""
+        print(f"{p.path}\t{pairs}{extra}")
     return 0
 
 
@@ -205,9 +211,24 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     """headstart calibrate."""
     from headstart.insight.calibrate import calibrate
 
-    c = calibrate(a.run, data=a.data, device=a.device, batch_size=a.batch_size, num_workers=a.num_workers)
+    c = calibrate(
+        a.run, data=a.data, device=a.device, batch_size=a.batch_size, num_workers=a.num_workers,
+        coverage=None if a.no_sets else a.coverage, method=a.method, accept=None if a.no_reject else a.accept,
+    )  # fmt: skip
     _print_calibration(c)
-    print(f"wrote temperature to {os.path.join(a.run, 'model.json')}; ECE in results.json")
+    if "sets" in c:
+        s, h = c["sets"], c["sets"]["held_out"]
+        print(f"sets ({s['method']}, target coverage {s['coverage']:.2f}): held-out coverage "
+              f"{h['coverage_mean']:.4f} +- {h['coverage_std']:.4f}, mean set size {h['set_size_mean']:.2f}"
+              f" ({h['rounds']} random halves of {s['calibration_images']} images)")  # fmt: skip
+        if "warning" in s:
+            print(f"warning: {s['warning']}")
+    if "ood" in c:
+        o, h = c["ood"], c["ood"]["held_out"]
+        print(f"rejection (accept {o['accept']:.2f}): threshold {o['threshold']:.1f} on {o['train_images']} "
+              f"training images' statistics; held-out acceptance {h['acceptance_mean']:.4f} +- "
+              f"{h['acceptance_std']:.4f}")  # fmt: skip
+    print(f"wrote {os.path.join(a.run, 'model.json')}; numbers in results.json")
     return 0
 
 

@@ -35,8 +35,9 @@ from headstart.core.files import (
 from headstart.core.metrics import probabilities
 from headstart.data.images import load_image
 from headstart.data.transforms import Preprocess, eval_transform
-from headstart.inference.onnx import INPUT_NAME, OUTPUT_NAMES, onnx_session
+from headstart.inference.onnx import INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, onnx_session
 from headstart.inference.predictor import load
+from headstart.inference.uncertainty import FeatureDistance
 from headstart.models.store import save_weights
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -89,20 +90,37 @@ class ExportResult:
 
 
 class ExportModule(nn.Module):
-    """[0, 1] RGB NCHW -> (probabilities with temperature, raw logits); normalisation inside."""
+    """[0, 1] RGB NCHW -> (probabilities with temperature, raw logits[, OOD score]); normalisation inside."""
 
-    def __init__(self, model: nn.Module, preprocess: Preprocess, temperature: float, head_kind: str):
+    def __init__(
+        self,
+        model: nn.Module,
+        preprocess: Preprocess,
+        temperature: float,
+        head_kind: str,
+        distance: FeatureDistance | None = None,
+    ):
         super().__init__()
         self.model = model
+        self.distance = distance
         self.temperature = float(temperature)
         self.head_kind = head_kind
         self.register_buffer("mean", torch.tensor(preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(preprocess.std, dtype=torch.float32).view(1, 3, 1, 1))
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probabilities [B, C] and logits."""
-        logits = self.model((image - self.mean) / self.std)
-        return probabilities(logits, self.head_kind, self.temperature), logits
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the graph outputs, in order."""
+        return [*OUTPUT_NAMES, *([OOD_OUTPUT] if self.distance is not None else [])]
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Probabilities [B, C], logits and, for a run calibrated for rejection, OOD scores [B]."""
+        features = self.model.backbone((image - self.mean) / self.std)
+        logits = self.model.head(features)
+        probs = probabilities(logits, self.head_kind, self.temperature)
+        if self.distance is None:
+            return probs, logits
+        return probs, logits, self.distance(features)
 
 
 def export_metadata(record: dict, *, fmt: str, exporter: str) -> dict:
@@ -117,6 +135,7 @@ def export_metadata(record: dict, *, fmt: str, exporter: str) -> dict:
         "exporter": exporter,
         "classes": list(record["classes"]),
         "temperature": float(record.get("temperature", 1.0)),
+        **{k: record[k] for k in ("conformal", "ood") if record.get(k)},
         "head": record["head"],
         "backbone": record["backbone"]["name"],
         "preprocessing": {
@@ -140,6 +159,14 @@ def export_metadata(record: dict, *, fmt: str, exporter: str) -> dict:
             "probabilities": "float32 [batch, classes]: class probabilities, temperature applied",
             "logits": "float32 [batch, classes] ([batch, 1] for a binary head): raw head output, "
             "before temperature",
+            **(
+                {
+                    OOD_OUTPUT: "float32 [batch]: squared Mahalanobis distance to the closest "
+                    "training class; above ood.threshold: looks like none of the classes"
+                }
+                if record.get("ood")
+                else {}
+            ),
         },
     }
 
@@ -171,7 +198,8 @@ def export(
         shutil.copyfile(run_dir / MODEL_JSON, path / MODEL_JSON)
         meta_path = path / MODEL_JSON
     else:
-        module = ExportModule(original.model, pp, original.temperature, original.model.head_spec.kind).eval()
+        module = ExportModule(original.model, pp, original.temperature, original.model.head_spec.kind,
+                              original.distance).eval()  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
         if format == "onnx":
             exporter = _export_onnx(module, path, input_size=pp.input_size, opset=opset or DEFAULT_OPSET)
@@ -210,7 +238,7 @@ def _reject(path: Path, meta_path: Path) -> Path:
     return rejected
 
 
-def _export_onnx(module: nn.Module, path: Path, *, input_size: int, opset: int) -> str:
+def _export_onnx(module: ExportModule, path: Path, *, input_size: int, opset: int) -> str:
     """torch.export-based exporter (torch.onnx.export(dynamo=True)); batch dimension dynamic."""
     try:
         import onnx  # noqa: F401
@@ -225,7 +253,7 @@ def _export_onnx(module: nn.Module, path: Path, *, input_size: int, opset: int) 
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, (x,), str(path), dynamo=True, external_data=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            input_names=[INPUT_NAME], output_names=module.output_names,
             dynamic_shapes={"image": {0: batch}}, verbose=False,
         )  # fmt: skip
     return f"torch.onnx.export(dynamo=True) torch {torch.__version__}, opset {opset}"

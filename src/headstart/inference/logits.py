@@ -29,6 +29,7 @@ class Logits:
     classes: list[str]
     skipped: list[dict] = field(default_factory=list)
     data: str = "validation split of the run"
+    features: np.ndarray | None = None  # pooled backbone features [N, D], when asked for
 
     def probs(self, temperature: float = 1.0) -> np.ndarray:
         """Class probabilities [N, C] at `temperature`."""
@@ -54,22 +55,32 @@ def collect_logits(
     data: str | None = None,
     batch_size: int = 64,
     num_workers: int | None = None,
+    features: bool = False,
+    desc: str = "logits",
 ) -> Logits:
-    """Logits of `items` ((path, label) pairs), one forward pass per image; unreadable files listed."""
+    """Logits of `items` ((path, label) pairs), one forward pass per image; unreadable files listed.
+
+    features=True also keeps the pooled backbone features (PyTorch engine only).
+    """
     ds = ImageDataset(items, predictor.transform, draft=predictor.preprocess.resize_size)
     loader = make_loader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, ramp=True)
-    zs, idx, skipped = [], [], []
-    with progress(total=len(items), desc="logits", unit="img") as bar:
+    zs, fs, idx, skipped = [], [], [], []
+    with progress(total=len(items), desc=desc, unit="img") as bar:
         for batch in loader:
             skipped += [{"path": items[i][0], "reason": why} for i, why in batch.failed]
             if batch.x is not None:
-                z = predictor.logits_tensor(batch.x)
+                if features:
+                    f, z = predictor.features_and_logits(batch.x)
+                    fs.append(f.flatten(1))
+                else:
+                    z = predictor.logits_tensor(batch.x)
                 zs.append(z.reshape(len(batch.index), -1))
                 idx += batch.index.tolist()
             bar.update(len(batch.index) + len(batch.failed))
     width = 1 if predictor.head_kind == "binary" else len(predictor.classes)
     logits = torch.cat(zs).double().numpy() if zs else np.zeros((0, width))
     return Logits(
+        features=torch.cat(fs).numpy() if fs else None,
         paths=[items[i][0] for i in idx],
         y=np.array([items[i][1] for i in idx], dtype=np.int64),
         logits=logits,
@@ -87,12 +98,13 @@ def run_logits(
     device: str = "auto",
     batch_size: int = 64,
     num_workers: int | None = None,
+    features: bool = False,
 ) -> tuple[Predictor, Logits]:
-    """Load a run and collect the logits of its validation split (or of `data`)."""
+    """Load a run and collect the logits (and features) of its validation split (or of `data`)."""
     from headstart.inference.predictor import load
 
     predictor = load(run_dir, device=device)
     items = evaluation_items(run_dir, predictor.classes, data)
     return predictor, collect_logits(
-        predictor, items, data=data, batch_size=batch_size, num_workers=num_workers
+        predictor, items, data=data, batch_size=batch_size, num_workers=num_workers, features=features
     )

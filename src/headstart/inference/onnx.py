@@ -14,8 +14,10 @@ from headstart.core.device import available_cores
 from headstart.core.errors import ConfigError, DataError
 from headstart.data.transforms import Preprocess, eval_transform
 from headstart.inference.predictor import Predictor, load
+from headstart.inference.uncertainty import ConformalSets, Rejection
 
 INPUT_NAME, OUTPUT_NAMES = "image", ("probabilities", "logits")
+OOD_OUTPUT = "ood_score"  # only in models of runs calibrated for rejection
 ENGINES = ("torch", "onnx")
 
 
@@ -88,18 +90,31 @@ class OnnxPredictor(Predictor):
         self.transform = eval_transform(self.preprocess, normalize=False)
         self.session = onnx_session(self.path, threads=threads)
         self.model = None
+        self.sets = ConformalSets.from_dict(meta["conformal"]) if meta.get("conformal") else None
+        self.rejection = Rejection.from_dict(meta["ood"]) if meta.get("ood") else None
+        have = {o.name for o in self.session.get_outputs()}
+        if self.rejection is not None and OOD_OUTPUT not in have:
+            raise DataError(f"{str(self.path)!r} declares a rejection threshold but has no {OOD_OUTPUT!r} "
+                            "output: it was changed after export. Export it again.")  # fmt: skip
 
-    def _run(self, x: torch.Tensor, output: str) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, *outputs: str) -> list[torch.Tensor]:
         x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run([output], {INPUT_NAME: x})[0])
+        return [torch.from_numpy(a) for a in self.session.run(list(outputs), {INPUT_NAME: x})]
 
     def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Probabilities [B, C] for a batch of [0, 1] images (resized and cropped), temperature inside."""
-        return self._run(x, OUTPUT_NAMES[0])
+        return self._run(x, OUTPUT_NAMES[0])[0]
 
     def logits_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Raw head outputs (before temperature) for a batch of [0, 1] images."""
-        return self._run(x, OUTPUT_NAMES[1])
+        return self._run(x, OUTPUT_NAMES[1])[0]
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw logits and, when the model carries a rejection threshold, its in-graph OOD scores."""
+        if self.rejection is None:
+            return self.logits_tensor(x), None
+        logits, ood = self._run(x, OUTPUT_NAMES[1], OOD_OUTPUT)
+        return logits, ood
 
     def __repr__(self) -> str:
         return f"OnnxPredictor({str(self.path)!r}, classes={self.classes})"

@@ -11,29 +11,41 @@ import torch
 from PIL import Image
 
 from headstart.core.device import autocast_for, configure_threads, pick_device, to_device
+from headstart.core.errors import ConfigError
 from headstart.core.logs import progress as progress_bar
 from headstart.core.metrics import probabilities
 from headstart.data.images import load_image, to_rgb
 from headstart.data.layout import expand_inputs
 from headstart.data.loading import ImageDataset, make_loader
 from headstart.data.transforms import Preprocess, eval_transform
+from headstart.inference.uncertainty import UNKNOWN, ConformalSets, FeatureDistance, Rejection
 from headstart.models.fastpath import inference_model
-from headstart.models.store import load_model
+from headstart.models.store import load_model, load_weights
 from headstart.models.transfer import TransferModel
 
 
 @dataclass
 class Prediction:
-    """Top-k labels and probabilities for one image, or the error that stopped it."""
+    """Top-k labels and probabilities for one image, or the error that stopped it.
+
+    `set` is the conformal prediction set and `ood_score` the distance to the training classes,
+    when the run was calibrated for them; `unknown` is True when rejection was asked for and the
+    image looks like none of the classes (then `label` is "unknown"; `labels` keep the ranking).
+    """
 
     path: str
     labels: list[str]
     probabilities: list[float]
     error: str | None = None
+    set: list[str] | None = None
+    ood_score: float | None = None
+    unknown: bool = False
 
     @property
     def label(self) -> str | None:
-        """Top-1 label."""
+        """Top-1 label ("unknown" when rejected)."""
+        if self.unknown:
+            return UNKNOWN
         return self.labels[0] if self.labels else None
 
     @property
@@ -57,10 +69,13 @@ class Predictor:
         self.temperature: float = float(record.get("temperature", 1.0))
         self.head_kind: str = record["head"]["kind"]
         self.transform = eval_transform(preprocess)
+        self.sets = ConformalSets.from_dict(record["conformal"]) if record.get("conformal") else None
+        self.rejection = Rejection.from_dict(record["ood"]) if record.get("ood") else None
+        self.distance: FeatureDistance | None = None  # set by `load` from ood.safetensors
 
     @torch.inference_mode()
-    def logits_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw head outputs (temperature 1) for a batch of already preprocessed images, on the CPU."""
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled backbone features and raw head outputs (temperature 1) of preprocessed images (CPU)."""
         x = to_device(x, self.device)
         if self.fast:
             backbone = inference_model(self.model.backbone, self.device)
@@ -68,12 +83,36 @@ class Predictor:
         else:
             backbone = self.model.backbone
         with autocast_for(self.device):
-            logits = self.model.head(backbone(x))
-        return logits.float().cpu()
+            f = backbone(x)
+            logits = self.model.head(f)
+        return f.float().cpu(), logits.float().cpu()
+
+    def logits_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw head outputs (temperature 1) for a batch of already preprocessed images, on the CPU."""
+        return self.features_and_logits(x)[1]
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw logits and, when the run has a rejection threshold, each image's OOD score."""
+        if self.distance is None:
+            return self.logits_tensor(x), None
+        f, logits = self.features_and_logits(x)
+        with torch.inference_mode():
+            return logits, self.distance(f)
 
     def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Probabilities [B, C] for a batch of already preprocessed images (temperature applied)."""
         return probabilities(self.logits_tensor(x), self.head_kind, self.temperature)
+
+    def require(self, *, sets: bool = False, reject: bool = False) -> None:
+        """Refuse, with the command that fixes it, when sets or rejection were asked of a run without them."""
+        missing = [w for w, asked, have in (("prediction sets", sets, self.sets), ("rejection", reject,
+                   self.rejection)) if asked and have is None]  # fmt: skip
+        if missing:
+            raise ConfigError(
+                f"This model has no {' or '.join(missing)} fitted. Run `headstart calibrate RUN` first "
+                "(it fits them on the validation split; --coverage and --accept set the targets), "
+                "then export again if you use the ONNX model."
+            )
 
     def predict_proba(self, images: Iterable, *, batch_size: int = 32) -> np.ndarray:
         """Probabilities [N, C] for image paths or PIL images (errors raise)."""
@@ -91,8 +130,12 @@ class Predictor:
         batch_size: int = 32,
         num_workers: int | None = None,
         progress: bool = False,
+        reject: bool = False,
     ) -> list[Prediction]:
-        """Top-k predictions for paths, folders or PIL images; unreadable files get an error."""
+        """Top-k predictions for paths, folders or PIL images; unreadable files get an error.
+
+        reject=True labels images that look like none of the classes "unknown" (needs `calibrate`).
+        """
         return list(
             self.iter_predict(
                 images,
@@ -100,6 +143,7 @@ class Predictor:
                 batch_size=batch_size,
                 num_workers=num_workers,
                 progress=progress,
+                reject=reject,
             )
         )
 
@@ -111,18 +155,21 @@ class Predictor:
         batch_size: int = 32,
         num_workers: int | None = None,
         progress: bool = False,
+        reject: bool = False,
     ) -> Iterator[Prediction]:
         """Stream predictions in input order (PIL images first); folders expand to their images."""
+        self.require(reject=reject)
         k = max(1, min(top_k, len(self.classes)))
         images = list(images)
         pils = [(i, im) for i, im in enumerate(images) if isinstance(im, Image.Image)]
-        if pils:
-            probs = self.predict_proba([im for _, im in pils], batch_size=batch_size)
-            for (i, _), p in zip(pils, probs, strict=True):
-                yield self._top(f"<image {i}>", p, k)
+        for chunk in _chunks(pils, batch_size):
+            x = torch.stack([self.transform(to_rgb(im)) for _, im in chunk])
+            for (i, _), pred in zip(chunk, self.rank(*self.outputs(x), k, reject=reject), strict=True):
+                pred.path = f"<image {i}>"
+                yield pred
         paths, _ = expand_inputs([im for im in images if not isinstance(im, Image.Image)])
         yield from self.predict_paths(
-            paths, top_k=k, batch_size=batch_size, num_workers=num_workers, progress=progress
+            paths, top_k=k, batch_size=batch_size, num_workers=num_workers, progress=progress, reject=reject
         )
 
     def predict_paths(
@@ -133,8 +180,10 @@ class Predictor:
         batch_size: int = 32,
         num_workers: int | None = None,
         progress: bool = False,
+        reject: bool = False,
     ) -> Iterator[Prediction]:
         """Stream predictions for image files decoded in background workers; unreadable ones get an error."""
+        self.require(reject=reject)
         if not paths:
             return
         k = max(1, min(top_k, len(self.classes)))
@@ -153,16 +202,31 @@ class Predictor:
                     i: Prediction(paths[i], [], [], error=why) for i, why in batch.failed
                 }
                 if batch.x is not None:
-                    probs = self.predict_tensor(batch.x).numpy()
-                    for i, p in zip(batch.index.tolist(), probs, strict=True):
-                        results[i] = self._top(paths[i], p, k)
+                    ranked = self.rank(*self.outputs(batch.x), k, reject=reject)
+                    for i, pred in zip(batch.index.tolist(), ranked, strict=True):
+                        pred.path = paths[i]
+                        results[i] = pred
                 for i in sorted(results):
                     yield results[i]
                 bar.update(len(results))
 
-    def _top(self, path: str, probs: np.ndarray, k: int) -> Prediction:
-        order = np.argsort(-probs, kind="stable")[:k]
-        return Prediction(path, [self.classes[j] for j in order], [float(probs[j]) for j in order])
+    def rank(
+        self, logits: torch.Tensor, ood: torch.Tensor | None, k: int, *, reject: bool = False
+    ) -> list[Prediction]:
+        """Predictions (path left empty) from a batch's logits and OOD scores: top-k, set, unknown."""
+        probs = probabilities(logits, self.head_kind, self.temperature).numpy()
+        in_set = self.sets.mask(probs) if self.sets else None
+        out = []
+        for n, p in enumerate(probs):
+            order = np.argsort(-p, kind="stable")[:k]
+            pred = Prediction("", [self.classes[j] for j in order], [float(p[j]) for j in order])
+            if in_set is not None:
+                pred.set = [self.classes[j] for j in np.argsort(-p, kind="stable") if in_set[n, j]]
+            if ood is not None:
+                pred.ood_score = float(ood[n])
+                pred.unknown = reject and pred.ood_score > self.rejection.threshold
+            out.append(pred)
+        return out
 
     def __repr__(self) -> str:
         return f"Predictor({self.record['backbone']['name']}, classes={self.classes}, device={self.device})"
@@ -177,7 +241,11 @@ def load(run_dir: str | os.PathLike, *, device: str = "auto", fast: bool = True)
     model, preprocess, record = load_model(run_dir)
     configure_threads()
     dev = pick_device(device)
-    return Predictor(model.to(dev).eval(), preprocess, record, dev, fast=fast)
+    predictor = Predictor(model.to(dev).eval(), preprocess, record, dev, fast=fast)
+    if predictor.rejection is not None:
+        state = load_weights(os.path.join(run_dir, predictor.rejection.file))
+        predictor.distance = FeatureDistance(state["centers"], state["whiten"]).eval()
+    return predictor
 
 
 def _as_pil(im, draft: int) -> Image.Image:

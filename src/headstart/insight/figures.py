@@ -127,3 +127,18 @@ def plot_confusion(cm: list[list[int]], classes: list[str], path: str | Path) ->
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_ood_scores(scores: np.ndarray, threshold: float, path: Path) -> None:
+    """Histogram of the OOD scores of the report's images, with the rejection threshold."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=100)
+    ax.hist(scores, bins=40, color="#4c78a8", alpha=0.85)
+    ax.axvline(threshold, color="#e45756", lw=2, label=f"threshold {threshold:.1f}: above is unknown")
+    ax.set_xlabel("squared Mahalanobis distance to the closest class")
+    ax.set_ylabel("images")
+    ax.legend(frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -13,6 +13,7 @@ import base64
 import csv
 import io
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,25 @@ from headstart.core.files import (
 from headstart.core.metrics import calibration_summary, fit_temperature
 from headstart.data.images import load_image
 from headstart.inference.logits import Logits, run_logits
+from headstart.inference.predictor import Predictor
 from headstart.insight.evaluate import evaluation_of, write_evaluation
-from headstart.insight.figures import plot_confusions, plot_curves, plot_per_class, plot_reliability
+from headstart.insight.figures import (
+    plot_confusions,
+    plot_curves,
+    plot_ood_scores,
+    plot_per_class,
+    plot_reliability,
+)
 from headstart.training.record import RunResults
 
 SUSPECT_COLUMNS = ["path", "given_label", "predicted_label", "confidence", "given_label_probability", "loss"]
-FIGURES = ("training_curves.png", "confusion_matrices.png", "per_class.png", "reliability.png")
+FIGURES = (
+    "training_curves.png",
+    "confusion_matrices.png",
+    "per_class.png",
+    "reliability.png",
+    "ood_scores.png",
+)
 
 
 def build_report(
@@ -57,8 +71,9 @@ def build_report(
     model = read_json(run_dir / MODEL_JSON)
     results = RunResults.read(run_dir) if (run_dir / RESULTS).exists() else RunResults()
     predictor, lg = run_logits(
-        run_dir, data=data, device=device, batch_size=batch_size, num_workers=num_workers
-    )
+        run_dir, data=data, device=device, batch_size=batch_size, num_workers=num_workers,
+        features=bool(model.get("ood")),
+    )  # fmt: skip
     temperature = predictor.temperature
     ev = evaluation_of(lg, temperature, run_dir)
     write_evaluation(run_dir, ev)
@@ -76,7 +91,8 @@ def build_report(
     )
     write_suspects(suspects, run_dir / "suspect_labels.csv")
     worst = sorted(rows, key=lambda r: -r["loss"])[: max(0, top_losses)]
-    figs = write_figures(run_dir, read_metrics(run_dir / METRICS), ev, cal)
+    unknown = uncertainty_section(predictor, lg, results.calibration or {})
+    figs = write_figures(run_dir, read_metrics(run_dir / METRICS), ev, cal, unknown)
     for r in worst:
         r["thumb"] = _thumb(r["path"], 220)
     for r in suspects[:30]:
@@ -89,6 +105,7 @@ def build_report(
         strategy=model.get("strategy", results.strategy or "?"),
         ev=ev,
         cal=cal,
+        unknown=unknown,
         temperature=temperature,
         cal_applied=bool(results.calibration and cal) and abs(temperature - cal["temperature"]) < 1e-9,
         facts=facts(results, config, ev, model, split, temperature),
@@ -105,7 +122,33 @@ def build_report(
     return out
 
 
-def write_figures(run_dir: Path, metrics: list[dict], ev: dict, cal: dict | None) -> dict[str, str]:
+def uncertainty_section(predictor: Predictor, lg: Logits, stored: dict) -> dict:
+    """Sets (coverage vs target, sizes) and rejection (scores, acceptance) on the report's images."""
+    out: dict = {"sets": None, "ood": None}
+    if predictor.sets and len(lg.y):
+        m = predictor.sets.mask(lg.probs(predictor.temperature))
+        sizes = m.sum(1)
+        out["sets"] = predictor.sets.to_dict() | {
+            "coverage": float(m[np.arange(len(lg.y)), lg.y].mean()),
+            "target": predictor.sets.coverage,
+            "size_mean": float(sizes.mean()),
+            "size_counts": sorted(Counter(sizes.tolist()).items()),
+            "held_out": stored.get("sets", {}).get("held_out"),
+        }
+    if predictor.distance is not None and lg.features is not None and len(lg.y):
+        scores = predictor.distance.score(lg.features)
+        out["ood"] = predictor.rejection.to_dict() | {
+            "scores": scores,
+            "accepted": float((scores <= predictor.rejection.threshold).mean()),
+            "held_out": stored.get("ood", {}).get("held_out"),
+        }
+    out["same_images"] = lg.data == stored.get("data")  # in-sample: the fit's own images
+    return out
+
+
+def write_figures(
+    run_dir: Path, metrics: list[dict], ev: dict, cal: dict | None, unknown: dict | None = None
+) -> dict[str, str]:
     """The report's PNGs beside it; returns them base64-encoded by section."""
     paths = {}
     if metrics:
@@ -119,6 +162,9 @@ def write_figures(run_dir: Path, metrics: list[dict], ev: dict, cal: dict | None
     if cal:
         plot_reliability(cal, run_dir / FIGURES[3])
         paths["reliability"] = run_dir / FIGURES[3]
+    if unknown and unknown["ood"]:
+        plot_ood_scores(unknown["ood"]["scores"], unknown["ood"]["threshold"], run_dir / FIGURES[4])
+        paths["ood"] = run_dir / FIGURES[4]
     return {k: base64.b64encode(p.read_bytes()).decode() for k, p in paths.items()}
 
 
