@@ -86,6 +86,25 @@ def test_endpoints(client, run):
     assert "innerHTML" not in page  # model and request strings go in as text
 
 
+def test_a_calibrated_run_answers_with_its_set_and_unknown(run, tmp_path):
+    from headstart.insight.calibrate import calibrate
+
+    cal = tmp_path / "run"
+    shutil.copytree(run, cal)
+    # 8 validation images: 0.75 is the highest acceptance they can fit a finite threshold for
+    calibrate(cal, device="cpu", num_workers=0, coverage=0.75, accept=0.75)
+    with TestClient(create_app(cal, ServeConfig(max_wait_ms=1))) as c:
+        ready(c)
+        files = [
+            ("files", ("r.png", png(), "image/png")),
+            ("files", ("b.png", png((30, 40, 220)), "image/png")),
+        ]
+        red, blue = c.post("/v1/predict", files=files).json()["predictions"]
+    assert red["label"] == "red" and red["unknown"] is False and "red" in red["set"]
+    assert blue["unknown"] is True and blue["ood_score"] > red["ood_score"]  # a colour it never saw
+    assert blue["label"] in ("red", "green")  # the closest class stays, flagged
+
+
 @pytest.mark.parametrize(
     ("body", "kind", "status", "code"),
     [
@@ -147,13 +166,17 @@ def test_mounted_in_another_app(run):
 def test_concurrent_requests_share_forward_passes():
     class Slow:
         calls: list = []
+        classes, rejection = ["a", "b"], None
 
-        def predict_tensor(self, x):
+        def outputs(self, x):
             import torch
 
             self.calls.append(len(x))
             time.sleep(0.05)
-            return torch.softmax(torch.zeros(len(x), 2), 1)
+            return torch.zeros(len(x), 2), None
+
+        def rank(self, logits, ood, k, *, reject):
+            return [k] * len(logits)
 
     async def go():
         import torch

@@ -199,3 +199,17 @@ def test_calibrate_rejects_bad_targets(calibrated_run):
         calibrate(calibrated_run, coverage=1.2)
     with pytest.raises(ConfigError, match="Unknown set method"):
         calibrate(calibrated_run, method="raps")
+
+
+def test_a_damaged_calibration_in_model_json_names_the_key(calibrated_run, tmp_path):
+    import shutil
+
+    from headstart.core.errors import DataError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(calibrated_run, bad)
+    record = json.loads((bad / "model.json").read_text())
+    record["ood"]["threshold"] = "far"
+    (bad / "model.json").write_text(json.dumps(record))
+    with pytest.raises(DataError, match="ood.threshold must be a number >= 0; found 'far'"):
+        load(bad, device="cpu")

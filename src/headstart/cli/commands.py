@@ -228,6 +228,8 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         print(f"rejection (accept {o['accept']:.2f}): threshold {o['threshold']:.1f} on {o['train_images']} "
               f"training images' statistics; held-out acceptance {h['acceptance_mean']:.4f} +- "
               f"{h['acceptance_std']:.4f}")  # fmt: skip
+        if "warning" in o:
+            print(f"warning: {o['warning']}")
     print(f"wrote {os.path.join(a.run, 'model.json')}; numbers in results.json")
     return 0
 

@@ -23,13 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from headstart.core import logs
 from headstart.core.errors import ConfigError
 from headstart.core.files import RESULTS, read_json
 from headstart.deploy.serve_http import ApiError, ServeConfig, authorised, decode, read_images
+from headstart.inference.predictor import Prediction
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -72,8 +72,9 @@ class Batcher:
                 await self.task
         self.executor.shutdown(wait=True)
 
-    async def predict(self, x: torch.Tensor) -> np.ndarray:
-        """Probabilities of one preprocessed image [3, H, W], batched with whatever else is waiting."""
+    async def predict(self, x: torch.Tensor) -> Prediction:
+        """Every class ranked for one preprocessed image [3, H, W] (with its set and OOD score when the
+        run has them), batched with whatever else is waiting."""
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((x, future))
         return await future
@@ -90,9 +91,7 @@ class Batcher:
                     break
             x = torch.stack([item[0] for item in batch])
             try:
-                probs = await loop.run_in_executor(
-                    self.executor, lambda x=x: self.predictor.predict_tensor(x).numpy()
-                )
+                probs = await loop.run_in_executor(self.executor, self._rank, x)
             except Exception as e:  # noqa: BLE001 - every waiting request gets the error, the loop goes on
                 for _, f in batch:
                     if not f.done():
@@ -103,6 +102,10 @@ class Batcher:
             for (_, f), p in zip(batch, probs, strict=True):
                 if not f.done():
                     f.set_result(p)
+
+    def _rank(self, x: torch.Tensor) -> list[Prediction]:
+        p = self.predictor
+        return p.rank(*p.outputs(x), len(p.classes), reject=p.rejection is not None)
 
 
 def model_card(run: Path, predictor, engine: str) -> dict:
@@ -216,14 +219,19 @@ class Service:
         """Read, decode and predict every image of a request, within the time limit (ApiError or
         asyncio.TimeoutError otherwise)."""
         k = max(1, min(top_k or self.cfg.top_k, len(self.predictor.classes)))
-        uploads, probs = await asyncio.wait_for(self._read_and_predict(request), self.cfg.timeout_s)
+        uploads, preds = await asyncio.wait_for(self._read_and_predict(request), self.cfg.timeout_s)
         out = []
-        for (name, _), p in zip(uploads, probs, strict=True):
-            order = np.argsort(-p, kind="stable")[:k]
-            top = [{"label": self.predictor.classes[j], "probability": float(p[j])} for j in order]
-            out.append(
-                {"name": name, "label": top[0]["label"], "probability": top[0]["probability"], "top": top}
-            )
+        for (name, _), p in zip(uploads, preds, strict=True):
+            top = [
+                {"label": lab, "probability": pr}
+                for lab, pr in zip(p.labels[:k], p.probabilities[:k], strict=True)
+            ]
+            row = {"name": name, "label": top[0]["label"], "probability": top[0]["probability"], "top": top}
+            if p.set is not None:
+                row["set"] = p.set
+            if p.ood_score is not None:  # label stays the closest class; `unknown` says it is a stranger
+                row |= {"unknown": p.unknown, "ood_score": p.ood_score}
+            out.append(row)
         return {"predictions": out}
 
     async def _read_and_predict(self, request):

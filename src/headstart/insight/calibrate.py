@@ -155,7 +155,13 @@ def fit_rejection(
         feature_dim=int(tr.features.shape[1]),
     )
     predictor.distance, predictor.rejection = distance, rejection
-    return rejection, rejection.to_dict() | {"held_out": held_out_acceptance(scores, accept=accept)}
+    summary = rejection.to_dict() | {"held_out": held_out_acceptance(scores, accept=accept)}
+    if not np.isfinite(rejection.threshold):
+        summary["warning"] = (
+            f"{len(scores)} validation images are too few for accept {accept}: nothing will be "
+            "rejected. Use a larger validation split or a lower --accept."
+        )
+    return rejection, summary
 
 
 def train_items(run_dir: Path, limit: int, seed: int = 0) -> list[tuple[str, int]]:

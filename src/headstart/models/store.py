@@ -144,6 +144,7 @@ def check_shapes(
 
 
 _ABSENT = object()
+_OPTIONAL = object()  # the default of keys a model.json may lack (e.g. before `calibrate`)
 # model.json keys: (dotted key, check, what is expected, default where older files may lack the key)
 _SCHEMA: list[tuple] = [
     ("classes", lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) for c in v)
@@ -161,6 +162,17 @@ _SCHEMA: list[tuple] = [
     ("preprocessing.std", lambda v: _triple(v) and min(v) > 0, "3 numbers above 0", _ABSENT),
     ("preprocessing.crop_pct", lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]", 0.875),
     ("temperature", lambda v: _num(v) and v > 0, "a positive finite number (1.0 when not calibrated)", 1.0),
+    ("conformal.method", lambda v: v in ("lac", "aps"), "lac or aps", _OPTIONAL),
+    ("conformal.coverage", lambda v: _num(v) and 0 < v < 1, "a number in (0, 1)", _OPTIONAL),
+    ("conformal.threshold", lambda v: _num(v) and v >= 0, "a number >= 0", _OPTIONAL),
+    ("conformal.calibration_images", lambda v: _int(v, 0), "an integer >= 0", _OPTIONAL),
+    ("ood.threshold", lambda v: _num(v) and v >= 0, "a number >= 0", _OPTIONAL),
+    ("ood.accept", lambda v: _num(v) and 0 < v < 1, "a number in (0, 1)", _OPTIONAL),
+    ("ood.calibration_images", lambda v: _int(v, 0), "an integer >= 0", _OPTIONAL),
+    ("ood.train_images", lambda v: _int(v, 0), "an integer >= 0", _OPTIONAL),
+    ("ood.feature_dim", lambda v: _int(v, 1), "an integer >= 1", _OPTIONAL),
+    ("ood.file", lambda v: isinstance(v, str) and "/" not in v and v not in ("", ".", ".."),
+     "a file name in the run folder", _OPTIONAL),
 ]  # fmt: skip
 
 
@@ -170,6 +182,10 @@ def validate_record(record: object, path: Path) -> None:
         value = record
         for part in key.split("."):
             value = value.get(part, default) if isinstance(value, dict) else _ABSENT
+            if value is _OPTIONAL:
+                break
+        if value is _OPTIONAL:
+            continue
         if value is _ABSENT or not ok(value):
             found = "nothing" if value is _ABSENT else repr(value)
             raise DataError(
