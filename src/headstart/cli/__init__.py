@@ -217,7 +217,21 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     p.add_argument("--parity-images", type=int, default=256, help="validation images for the parity check")
     p.add_argument("--no-check", action="store_true", help="skip the parity check (not recommended)")
-    p.set_defaults(func=c.cmd_export)
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="also write RUN/model.int8.onnx: static int8, kept only if it passes the accuracy gate",
+    )
+    p.add_argument("--calibration-images", type=int, default=128, help="training images that calibrate int8")
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.99,
+        help="int8 gate: share of validation images with the float model's top-1",
+    )
+    p.add_argument("--max-drop", type=float, default=0.5, help="int8 gate: accuracy points it may lose")
+    p.set_defaults(func=c.cmd_export)  # fmt: skip
 
 
 def _plan_parser(p: argparse.ArgumentParser) -> None:

@@ -262,12 +262,22 @@ def cmd_export(a: argparse.Namespace) -> int:
         opset=a.opset,
         check=not a.no_check,
         max_images=a.parity_images,
-    )
+        quantize=a.quantize,
+        gate={"calibration_images": a.calibration_images, "min_agreement": a.min_agreement,
+              "max_drop": a.max_drop},
+    )  # fmt: skip
     print(f"exported {a.format} to {r.path} ({r.exporter}, {r.seconds:.1f}s); metadata {r.metadata_path}")
     if r.parity:
         print(r.parity.describe() + " -> ok")
         for s in r.parity.skipped:
             print(f"  parity skipped unreadable file {s}")
+    if r.int8:
+        q = r.int8
+        for attempt in q.attempts:
+            print(f"int8 gate on {q.validation_images} validation images: {attempt.describe()}")
+        print(f"wrote {q.path}: {q.int8_bytes / 1e6:.1f} MB vs {q.float_bytes / 1e6:.1f} MB float "
+              f"({q.float_bytes / q.int8_bytes:.1f}x smaller), {q.int8_img_s:.0f} vs {q.float_img_s:.0f} "
+              f"images/s model-only on this machine ({q.int8_img_s / q.float_img_s:.2f}x)")  # fmt: skip
     return 0
 
 

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ from headstart.inference.onnx import INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, onnx_
 from headstart.inference.predictor import load
 from headstart.inference.uncertainty import FeatureDistance
 from headstart.models.store import save_weights
+
+if TYPE_CHECKING:
+    from headstart.deploy.quantize import QuantizeResult
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "safetensors": "export"}
@@ -87,6 +91,7 @@ class ExportResult:
     parity: Parity | None
     exporter: str
     seconds: float
+    int8: QuantizeResult | None = None
 
 
 class ExportModule(nn.Module):
@@ -180,10 +185,20 @@ def export(
     check: bool = True,
     tolerance: float = TOLERANCE,
     max_images: int = 256,
+    quantize: str | None = None,
+    gate: dict | None = None,
 ) -> ExportResult:
-    """Export a run folder's model and check parity against `headstart.load(run_dir)`."""
+    """Export a run folder's model and check parity against `headstart.load(run_dir)`.
+
+    quantize="int8" (ONNX only) also writes RUN/model.int8.onnx behind the accuracy gate; `gate`
+    passes options to `headstart.deploy.quantize.quantize_int8` (min_agreement, max_drop, ...).
+    """
     if format not in FORMATS:
         raise ConfigError(f"Unknown export format {format!r}; use one of {', '.join(FORMATS)}.")
+    if quantize not in (None, "int8") or (quantize and format != "onnx"):
+        raise ConfigError(
+            f"--quantize {quantize} works with --format onnx and 'int8' only; got --format {format}."
+        )
     run_dir = Path(run_dir)
     require_finished(run_dir)
     record = read_json(run_dir / MODEL_JSON)
@@ -204,7 +219,7 @@ def export(
         if format == "onnx":
             exporter = _export_onnx(module, path, input_size=pp.input_size, opset=opset or DEFAULT_OPSET)
             meta = export_metadata(record, fmt=format, exporter=exporter)
-            _set_onnx_metadata(path, meta)
+            set_onnx_metadata(path, meta)
         else:
             exporter = "torch.jit.trace"
             meta = export_metadata(record, fmt=format, exporter=exporter)
@@ -224,7 +239,12 @@ def export(
                 f"to {str(rejected)!r} so that nothing picks it up; do not deploy it. Try another "
                 "--format or --opset, or report the backbone and format as a bug."
             )
-    return ExportResult(path, format, meta_path, parity, exporter, seconds)
+    result = ExportResult(path, format, meta_path, parity, exporter, seconds)
+    if quantize:
+        from headstart.deploy.quantize import quantize_int8
+
+        result.int8 = quantize_int8(run_dir, path, **(gate or {}))
+    return result
 
 
 def _reject(path: Path, meta_path: Path) -> Path:
@@ -259,7 +279,7 @@ def _export_onnx(module: ExportModule, path: Path, *, input_size: int, opset: in
     return f"torch.onnx.export(dynamo=True) torch {torch.__version__}, opset {opset}"
 
 
-def _set_onnx_metadata(path: Path, meta: dict) -> None:
+def set_onnx_metadata(path: Path, meta: dict) -> None:
     """Write the metadata into the model's metadata_props (one JSON value per key)."""
     import onnx
 

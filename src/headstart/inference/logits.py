@@ -48,6 +48,28 @@ def evaluation_items(
     return dataset_items(data, classes)
 
 
+def split_items(
+    run_dir: str | os.PathLike, part: str, limit: int | None = None, *, seed: int = 0
+) -> list[tuple[str, int]]:
+    """The run's `part` ("train" or "val") images from split.json; over `limit`, a stratified sample."""
+    split = Path(run_dir) / SPLIT
+    if not split.exists():
+        raise DataError(f"{str(split)!r} is missing: this needs the run's {part} images.")
+    items = [(p, int(y)) for p, y in read_json(split)[part]]
+    if limit is None or len(items) <= limit:
+        return items
+    order = np.random.default_rng(seed).permutation(len(items))
+    per_class = -(-limit // len({y for _, y in items}))
+    taken: dict[int, int] = {}
+    out = []
+    for i in order:
+        y = items[i][1]
+        if taken.get(y, 0) < per_class:
+            taken[y] = taken.get(y, 0) + 1
+            out.append(items[i])
+    return out[:limit]
+
+
 def collect_logits(
     predictor: Predictor,
     items: list[tuple[str, int]],

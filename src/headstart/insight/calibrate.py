@@ -21,7 +21,7 @@ import numpy as np
 from headstart.core.errors import ConfigError, DataError
 from headstart.core.files import EVALUATION, MODEL_JSON, RESULTS, SPLIT, read_json, write_json
 from headstart.core.metrics import calibration_summary, fit_temperature
-from headstart.inference.logits import Logits, collect_logits, run_logits
+from headstart.inference.logits import Logits, collect_logits, run_logits, split_items
 from headstart.inference.predictor import Predictor
 from headstart.inference.uncertainty import (
     OOD_FILE,
@@ -139,7 +139,7 @@ def fit_rejection(
     num_workers: int | None,
 ) -> tuple[Rejection, dict]:
     """Class statistics from training features, a threshold accepting `accept` of validation images."""
-    items = train_items(run_dir, train_sample)
+    items = split_items(run_dir, "train", train_sample)
     tr = collect_logits(predictor, items, batch_size=batch_size, num_workers=num_workers, features=True,
                         desc="train features")  # fmt: skip
     if tr.features is None or len(np.unique(tr.y)) < 2:
@@ -162,21 +162,3 @@ def fit_rejection(
             "rejected. Use a larger validation split or a lower --accept."
         )
     return rejection, summary
-
-
-def train_items(run_dir: Path, limit: int, seed: int = 0) -> list[tuple[str, int]]:
-    """Up to `limit` training images of the run, stratified by class (all of a small split)."""
-    split = run_dir / SPLIT
-    if not split.exists():
-        raise DataError(f"{str(split)!r} is missing: rejection needs the run's training images.")
-    items = [(p, int(y)) for p, y in read_json(split)["train"]]
-    rng = np.random.default_rng(seed)
-    rng.shuffle(items)
-    per_class = max(1, -(-limit // max(1, len({y for _, y in items}))))
-    taken: dict[int, int] = {}
-    out = []
-    for p, y in items:
-        if taken.get(y, 0) < per_class:
-            taken[y] = taken.get(y, 0) + 1
-            out.append((p, y))
-    return out[:limit]

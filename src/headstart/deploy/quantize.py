@@ -1,0 +1,294 @@
+"""int8 ONNX export that refuses to lose accuracy.
+
+Static post-training quantization with ONNX Runtime's tools (QDQ format, per-channel int8 weights,
+uint8 activations with MinMax ranges), calibrated on images of the run's training split. The gate
+compares the int8 model with the float one on the run's validation images: it must agree on
+>= `min_agreement` of top-1 predictions and lose <= `max_drop` accuracy points. Where it does not,
+the known fallbacks are tried in order, each reported: the first and last layers in float; also
+the nodes whose outputs drift most from the float model's (signal-to-quantization-noise ratio,
+ORT's qdq_loss_debug); dynamic quantization. If none passes, nothing is written (a stale int8
+file of the run is removed) and the error gives every attempt's numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from headstart.core.errors import ConfigError, DataError, HeadstartError
+from headstart.core.files import MODEL_JSON, read_json
+from headstart.data.images import load_image
+from headstart.data.transforms import Preprocess, eval_transform
+from headstart.inference.logits import split_items
+from headstart.inference.onnx import INPUT_NAME, OUTPUT_NAMES, onnx_session, read_onnx_metadata
+
+CALIBRATION_IMAGES = 128  # measured: 64, 128 and 256 MinMax images give the same ranges on lite0
+DRIFT_SHARE = 0.1  # the fallback keeps this share of the most drifting nodes in float
+
+
+class QuantizationGateError(HeadstartError):
+    """No int8 model kept the float model's predictions and accuracy."""
+
+    exit_code = 3
+
+
+@dataclass
+class Attempt:
+    """One quantization recipe and what the gate measured."""
+
+    recipe: str
+    agreement: float
+    float_accuracy: float
+    int8_accuracy: float
+    excluded_nodes: int
+    seconds: float
+    passed: bool = False
+
+    @property
+    def drop_points(self) -> float:
+        """Accuracy lost, in percentage points (negative: int8 did better)."""
+        return 100 * (self.float_accuracy - self.int8_accuracy)
+
+    def describe(self) -> str:
+        """One line."""
+        verdict = "passed" if self.passed else "refused"
+        return (
+            f"{self.recipe}: top-1 agreement {self.agreement:.2%}, accuracy {self.float_accuracy:.4f} -> "
+            f"{self.int8_accuracy:.4f} ({100 * (self.int8_accuracy - self.float_accuracy):+.2f} points), "
+            f"{self.excluded_nodes} nodes in "
+            f"float, {self.seconds:.0f}s: {verdict}"
+        )
+
+
+@dataclass
+class QuantizeResult:
+    """Where the int8 model went, the gate's attempts and what it buys on this machine."""
+
+    path: Path
+    attempts: list[Attempt]
+    validation_images: int
+    calibration_images: int
+    float_bytes: int
+    int8_bytes: int
+    float_img_s: float
+    int8_img_s: float
+    thresholds: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """The metadata entry stored in the int8 model."""
+        return {
+            "format": "int8 QDQ (ONNX Runtime static quantization, per-channel weights)",
+            "recipe": self.attempts[-1].recipe,
+            "gate": self.thresholds
+            | asdict(self.attempts[-1])
+            | {"drop_points": self.attempts[-1].drop_points},
+            "attempts": [asdict(a) | {"drop_points": a.drop_points} for a in self.attempts],
+            "validation_images": self.validation_images,
+            "calibration_images": self.calibration_images,
+            "float_bytes": self.float_bytes,
+            "int8_bytes": self.int8_bytes,
+            "float_img_s": self.float_img_s,
+            "int8_img_s": self.int8_img_s,
+        }
+
+
+def _ort_quantization():
+    try:
+        from onnxruntime import quantization
+    except ImportError as e:
+        raise ConfigError("int8 export needs ONNX Runtime: pip install 'headstart[onnx]'.") from e
+    return quantization
+
+
+def load_batch(items: list[tuple[str, int]], preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+    """[0, 1] float32 images at the model's input size, and their labels; unreadable files dropped."""
+    t01 = eval_transform(preprocess, normalize=False)
+    xs, ys = [], []
+    for p, y in items:
+        try:
+            xs.append(t01(load_image(p, draft=preprocess.resize_size)).numpy())
+            ys.append(y)
+        except Exception:  # noqa: BLE001, S112 - the gate measures on the readable ones; counts are reported
+            continue
+    if not xs:
+        raise DataError("None of the images for the int8 calibration or gate could be read.")
+    return np.stack(xs).astype(np.float32), np.asarray(ys)
+
+
+def run_model(path: str | os.PathLike, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Probabilities of an ONNX model for [0, 1] images, in batches."""
+    session = onnx_session(path)
+    out = [session.run([OUTPUT_NAMES[0]], {INPUT_NAME: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    return np.concatenate(out)
+
+
+def images_per_second(path: str | os.PathLike, x: np.ndarray, seconds: float = 2.0) -> float:
+    """Model-only throughput on a batch of up to 32 images (one warm-up run first)."""
+    session = onnx_session(path)
+    feed = {INPUT_NAME: x[:32]}
+    session.run(None, feed)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        session.run(None, feed)
+        n += len(feed[INPUT_NAME])
+    return n / (time.perf_counter() - t0)
+
+
+def quantize_int8(
+    run_dir: str | os.PathLike,
+    float_path: str | os.PathLike,
+    *,
+    output: str | os.PathLike | None = None,
+    calibration_images: int = CALIBRATION_IMAGES,
+    calibration: np.ndarray | None = None,
+    min_agreement: float = 0.99,
+    max_drop: float = 0.5,
+    max_val_images: int = 2000,
+    fallbacks: bool = True,
+) -> QuantizeResult:
+    """Quantize RUN's float ONNX model to int8 behind the accuracy gate; RUN/model.int8.onnx by default.
+
+    `calibration` replaces the training images with your own [N, 3, H, W] batch in [0, 1].
+    """
+    q = _ort_quantization()
+    run_dir, float_path = Path(run_dir), Path(float_path)
+    output = Path(output) if output else run_dir / "model.int8.onnx"
+    preprocess = Preprocess.from_dict(read_json(run_dir / MODEL_JSON)["preprocessing"])
+    if calibration is None:
+        calibration, _ = load_batch(split_items(run_dir, "train", calibration_images), preprocess)
+    x_val, y_val = load_batch(split_items(run_dir, "val", max_val_images), preprocess)
+    p_float = run_model(float_path, x_val)
+    thresholds = {"min_agreement": min_agreement, "max_drop_points": max_drop}
+    attempts: list[Attempt] = []
+    output.unlink(missing_ok=True)  # an int8 file of older weights must not outlive a refusal
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".int8-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        q.quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
+        for recipe in _recipes(fallbacks):
+            t0 = time.perf_counter()
+            cand = Path(tmp) / f"{len(attempts)}.onnx"
+            excluded = recipe.build(q, pre, cand, calibration, Path(tmp))
+            p_int8 = run_model(cand, x_val)
+            a = Attempt(
+                recipe.name,
+                agreement=float((p_int8.argmax(1) == p_float.argmax(1)).mean()),
+                float_accuracy=float((p_float.argmax(1) == y_val).mean()),
+                int8_accuracy=float((p_int8.argmax(1) == y_val).mean()),
+                excluded_nodes=excluded,
+                seconds=time.perf_counter() - t0,
+            )
+            a.passed = a.agreement >= min_agreement and a.drop_points <= max_drop
+            attempts.append(a)
+            if a.passed:
+                return _keep(cand, output, float_path, attempts, x_val, len(calibration), thresholds)
+    lines = "\n  ".join(a.describe() for a in attempts)
+    raise QuantizationGateError(
+        f"No int8 model passed the gate (top-1 agreement >= {min_agreement:.0%} and accuracy loss <= "
+        f"{max_drop} points on {len(y_val)} validation images):\n  {lines}\nNo int8 file was written; "
+        "deploy the float model (model.onnx), or loosen --min-agreement / --max-drop if these numbers "
+        "are acceptable for your use."
+    )
+
+
+def _keep(cand: Path, output: Path, float_path: Path, attempts: list[Attempt], x_val: np.ndarray,
+          n_cal: int, thresholds: dict) -> QuantizeResult:  # fmt: skip
+    """Measure, stamp the metadata and move the passing model into place."""
+    from headstart.deploy.export import set_onnx_metadata
+
+    f_speed, q_speed = images_per_second(float_path, x_val), images_per_second(cand, x_val)
+    result = QuantizeResult(output, attempts, len(x_val), n_cal, float_path.stat().st_size,
+                            cand.stat().st_size, f_speed, q_speed, thresholds)  # fmt: skip
+    meta = read_onnx_metadata(float_path) | {"quantization": result.summary()}
+    set_onnx_metadata(cand, meta)
+    shutil.move(str(cand), output)
+    result.int8_bytes = output.stat().st_size
+    return result
+
+
+@dataclass
+class _Recipe:
+    name: str
+    keep_float: str = "none"  # none | ends | drift
+    dynamic: bool = False
+
+    def build(self, q, pre: Path, out: Path, calibration: np.ndarray, tmp: Path) -> int:
+        """Write the quantized model; returns how many nodes stay in float."""
+        if self.dynamic:
+            q.quantize_dynamic(str(pre), str(out), weight_type=q.QuantType.QInt8, per_channel=True)
+            return 0
+        exclude = _ends(pre) if self.keep_float != "none" else []
+        if self.keep_float == "drift":
+            exclude = sorted(set(exclude) | set(_drifting(q, pre, calibration, tmp)))
+        _static(q, pre, out, calibration, exclude)
+        return len(exclude)
+
+
+def _recipes(fallbacks: bool) -> list[_Recipe]:
+    first = _Recipe("static int8")
+    if not fallbacks:
+        return [first]
+    return [
+        first,
+        _Recipe("static int8, first and last layers in float", keep_float="ends"),
+        _Recipe(
+            f"static int8, ends and the {DRIFT_SHARE:.0%} most drifting nodes in float", keep_float="drift"
+        ),
+        _Recipe("dynamic int8 (weights only calibrated)", dynamic=True),
+    ]
+
+
+def _reader(q, calibration: np.ndarray, batch: int = 16):
+    class Reader(q.CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(
+                [{INPUT_NAME: calibration[i : i + batch]} for i in range(0, len(calibration), batch)]
+            )
+
+        def get_next(self):
+            return next(self.it, None)
+
+    return Reader()
+
+
+def _static(q, pre: Path, out: Path, calibration: np.ndarray, exclude: list[str]) -> None:
+    q.quantize_static(
+        str(pre), str(out), _reader(q, calibration), quant_format=q.QuantFormat.QDQ, per_channel=True,
+        activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+        calibrate_method=q.CalibrationMethod.MinMax, nodes_to_exclude=exclude,
+    )  # fmt: skip
+
+
+def _ends(pre: Path) -> list[str]:
+    """The first convolution and everything from the last convolution on (pooling, head)."""
+    import onnx
+
+    nodes = onnx.load(str(pre), load_external_data=False).graph.node
+    convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
+    if not convs:
+        return []
+    return [nodes[convs[0]].name] + [n.name for n in nodes[convs[-1] :]]
+
+
+def _drifting(q, pre: Path, calibration: np.ndarray, tmp: Path) -> list[str]:
+    """Nodes whose int8 outputs are furthest from float (lowest SQNR on calibration images)."""
+    import onnx
+    from onnxruntime.quantization import qdq_loss_debug as dbg
+
+    plain = tmp / "drift-q.onnx"
+    _static(q, pre, plain, calibration, [])
+    sample = calibration[:32]
+    for src, aug in ((pre, tmp / "drift-f-aug.onnx"), (plain, tmp / "drift-q-aug.onnx")):
+        dbg.modify_model_output_intermediate_tensors(str(src), str(aug))
+    acts_f = dbg.collect_activations(str(tmp / "drift-f-aug.onnx"), _reader(q, sample))
+    acts_q = dbg.collect_activations(str(tmp / "drift-q-aug.onnx"), _reader(q, sample))
+    errors = dbg.compute_activation_error(dbg.create_activation_matching(acts_q, acts_f))
+    producer = {o: n.name for n in onnx.load(str(pre)).graph.node for o in n.output}
+    scored = sorted((v["qdq_err"], k) for k, v in errors.items() if "qdq_err" in v and k in producer)
+    n = max(1, int(DRIFT_SHARE * len(producer)))
+    return [producer[k] for _, k in scored[:n]]

@@ -1,0 +1,65 @@
+"""int8 export: the gate passes a normal calibration, refuses a broken one and leaves no file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import headstart
+from headstart.deploy.export import export
+from headstart.deploy.quantize import QuantizationGateError, quantize_int8
+
+from conftest import TINY, make_class_tree, run_cli
+
+pytest.importorskip("onnxruntime", reason="int8 export needs the onnx extra: pip install 'headstart[onnx]'")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A tiny three-colour run and its float ONNX export."""
+    root = tmp_path_factory.mktemp("int8")
+    classes = ("red", "green", "blue")
+    make_class_tree(root / "data" / "train", classes=classes, per_class=12)
+    make_class_tree(root / "data" / "val", classes=classes, per_class=8, seed=500)
+    out = root / "run"
+    headstart.train(str(root / "data"), strategy="extract", output=str(out), backbone=TINY, weights="none",
+                    epochs=20, lr=0.05, batch_size=8, num_workers=0)  # fmt: skip
+    export(out, format="onnx")
+    return out
+
+
+def test_a_normal_calibration_passes_the_gate_and_predicts_like_float(exported):
+    from headstart.inference.onnx import load_onnx, read_onnx_metadata
+
+    r = quantize_int8(exported, exported / "model.onnx", calibration_images=32)
+    assert r.path == exported / "model.int8.onnx" and r.path.is_file()
+    gate = read_onnx_metadata(r.path)["quantization"]["gate"]
+    assert gate["passed"] and gate["agreement"] >= 0.99 and gate["drop_points"] <= 0.5
+    assert r.attempts[-1].passed and r.int8_bytes < r.float_bytes and r.int8_img_s > 0
+    val = sorted(str(p) for p in (exported.parent / "data" / "val").rglob("*.png"))
+    f = [p.labels[0] for p in load_onnx(exported / "model.onnx").predict(val, num_workers=0)]
+    q = [p.labels[0] for p in load_onnx(r.path).predict(val, num_workers=0)]
+    assert np.mean(np.array(f) == np.array(q)) >= 0.99
+
+
+def test_a_blank_calibration_is_refused_and_leaves_no_file(exported, tmp_path):
+    out = tmp_path / "m.int8.onnx"
+    out.write_bytes(b"stale")  # an older int8 file must not survive a refusal
+    blank = np.zeros((16, 3, 160, 160), np.float32)
+    with pytest.raises(QuantizationGateError, match="No int8 model passed the gate") as e:
+        quantize_int8(exported, exported / "model.onnx", output=out, calibration=blank, fallbacks=False)
+    assert "static int8: top-1 agreement" in str(e.value) and "refused" in str(e.value)
+    assert not out.exists() and not list(tmp_path.glob(".int8-*"))
+
+
+def test_cli_export_quantize(exported):
+    r = run_cli("export", exported, "--quantize", "int8", "--calibration-images", "16")
+    assert r.returncode == 0, r.stderr
+    assert "int8 gate on 24 validation images" in r.stdout and "x smaller" in r.stdout
+    meta = json.loads((exported / "model.onnx.json").read_text())
+    assert "quantization" not in meta  # the float model's sidecar is the float model's
+    r = run_cli("export", exported, "--format", "torchscript", "--quantize", "int8")
+    assert r.returncode == 2 and "works with --format onnx" in r.stderr
