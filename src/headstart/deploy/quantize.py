@@ -1,7 +1,8 @@
 """int8 ONNX export that refuses to lose accuracy.
 
 Static post-training quantization with ONNX Runtime's tools (QDQ format, per-channel int8 weights,
-uint8 activations with MinMax ranges), calibrated on images of the run's training split. The gate
+uint8 activations with MinMax ranges) of the convolutions, calibrated on images of the run's
+training split; what follows the last convolution (pooling, head, the OOD distance) stays float. The gate
 compares the int8 model with the float one on the run's validation images: it must agree on
 >= `min_agreement` of top-1 predictions and lose <= `max_drop` accuracy points. Where it does not,
 the known fallbacks are tried in order, each reported: the first and last layers in float; also
@@ -29,7 +30,7 @@ from headstart.inference.logits import split_items
 from headstart.inference.onnx import INPUT_NAME, OUTPUT_NAMES, onnx_session, read_onnx_metadata
 
 CALIBRATION_IMAGES = 128  # measured: 64, 128 and 256 MinMax images give the same ranges on lite0
-DRIFT_SHARE = 0.1  # the fallback keeps this share of the most drifting nodes in float
+DRIFT_SHARES = (0.1, 0.2)  # the fallbacks keep these shares of the most drifting nodes in float
 
 
 class QuantizationGateError(HeadstartError):
@@ -216,28 +217,32 @@ class _Recipe:
     name: str
     keep_float: str = "none"  # none | ends | drift
     dynamic: bool = False
+    share: float = 0.0  # of the most drifting nodes kept in float
 
     def build(self, q, pre: Path, out: Path, calibration: np.ndarray, tmp: Path) -> int:
         """Write the quantized model; returns how many nodes stay in float."""
         if self.dynamic:
             q.quantize_dynamic(str(pre), str(out), weight_type=q.QuantType.QInt8, per_channel=True)
             return 0
-        exclude = _ends(pre) if self.keep_float != "none" else []
+        exclude = _ends(pre) if self.keep_float != "none" else _tail(pre)
         if self.keep_float == "drift":
-            exclude = sorted(set(exclude) | set(_drifting(q, pre, calibration, tmp)))
+            exclude = exclude + _drifting(q, pre, calibration, tmp, already=set(exclude), share=self.share)
         _static(q, pre, out, calibration, exclude)
         return len(exclude)
 
 
 def _recipes(fallbacks: bool) -> list[_Recipe]:
-    first = _Recipe("static int8")
+    first = _Recipe("static int8 (convolutions)")
     if not fallbacks:
         return [first]
     return [
         first,
         _Recipe("static int8, first and last layers in float", keep_float="ends"),
-        _Recipe(
-            f"static int8, ends and the {DRIFT_SHARE:.0%} most drifting nodes in float", keep_float="drift"
+        *(
+            _Recipe(
+                f"static int8, ends and the {share:.0%} most drifting nodes in float", "drift", share=share
+            )
+            for share in DRIFT_SHARES
         ),
         _Recipe("dynamic int8 (weights only calibrated)", dynamic=True),
     ]
@@ -264,31 +269,43 @@ def _static(q, pre: Path, out: Path, calibration: np.ndarray, exclude: list[str]
     )  # fmt: skip
 
 
-def _ends(pre: Path) -> list[str]:
-    """The first convolution and everything from the last convolution on (pooling, head)."""
+def _tail(pre: Path, *, with_last_conv: bool = False) -> list[str]:
+    """Everything after the last convolution: pooling, head, softmax and the OOD distance. Cheap
+    next to the convolutions, and the distance's large matmul must stay exact."""
     import onnx
 
     nodes = onnx.load(str(pre), load_external_data=False).graph.node
     convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
-    if not convs:
-        return []
-    return [nodes[convs[0]].name] + [n.name for n in nodes[convs[-1] :]]
+    start = (convs[-1] + (0 if with_last_conv else 1)) if convs else 0
+    return [n.name for n in nodes[start:]]
 
 
-def _drifting(q, pre: Path, calibration: np.ndarray, tmp: Path) -> list[str]:
-    """Nodes whose int8 outputs are furthest from float (lowest SQNR on calibration images)."""
+def _ends(pre: Path) -> list[str]:
+    """The first convolution, the last one and the tail after it."""
+    import onnx
+
+    nodes = onnx.load(str(pre), load_external_data=False).graph.node
+    first = next((n.name for n in nodes if n.op_type == "Conv"), None)
+    return ([first] if first else []) + _tail(pre, with_last_conv=True)
+
+
+def _drifting(
+    q, pre: Path, calibration: np.ndarray, tmp: Path, *, already: set[str], share: float
+) -> list[str]:
+    """The quantized nodes (`share` of them, beyond `already`) whose int8 outputs are furthest
+    from float: lowest signal-to-quantization-noise ratio on calibration images."""
     import onnx
     from onnxruntime.quantization import qdq_loss_debug as dbg
 
     plain = tmp / "drift-q.onnx"
-    _static(q, pre, plain, calibration, [])
+    _static(q, pre, plain, calibration, _tail(pre))
     sample = calibration[:32]
     for src, aug in ((pre, tmp / "drift-f-aug.onnx"), (plain, tmp / "drift-q-aug.onnx")):
         dbg.modify_model_output_intermediate_tensors(str(src), str(aug))
     acts_f = dbg.collect_activations(str(tmp / "drift-f-aug.onnx"), _reader(q, sample))
     acts_q = dbg.collect_activations(str(tmp / "drift-q-aug.onnx"), _reader(q, sample))
     errors = dbg.compute_activation_error(dbg.create_activation_matching(acts_q, acts_f))
-    producer = {o: n.name for n in onnx.load(str(pre)).graph.node for o in n.output}
+    nodes = [n for n in onnx.load(str(pre)).graph.node if n.name not in already]
+    producer = {o: n.name for n in nodes for o in n.output}
     scored = sorted((v["qdq_err"], k) for k, v in errors.items() if "qdq_err" in v and k in producer)
-    n = max(1, int(DRIFT_SHARE * len(producer)))
-    return [producer[k] for _, k in scored[:n]]
+    return [producer[k] for _, k in scored[: max(1, int(share * len(nodes)))]]
