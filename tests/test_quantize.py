@@ -51,7 +51,7 @@ def test_a_blank_calibration_is_refused_and_leaves_no_file(exported, tmp_path):
     blank = np.zeros((16, 3, 160, 160), np.float32)
     with pytest.raises(QuantizationGateError, match="No int8 model passed the gate") as e:
         quantize_int8(exported, exported / "model.onnx", output=out, calibration=blank, fallbacks=False)
-    assert "static int8: top-1 agreement" in str(e.value) and "refused" in str(e.value)
+    assert "static int8 (convolutions): top-1 agreement" in str(e.value) and "refused" in str(e.value)
     assert not out.exists() and not list(tmp_path.glob(".int8-*"))
 
 
