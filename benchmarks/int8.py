@@ -1,6 +1,6 @@
 """int8 vs float ONNX vs the PyTorch fast path, on the same validation images, in one run.
 
-    python benchmarks/int8.py RUN [--seconds 5]
+    python benchmarks/int8.py RUN [--seconds 5] [--min-agreement 0.99 --max-drop 0.5]
 
 Exports RUN/model.onnx and RUN/model.int8.onnx (through the accuracy gate), then measures each
 engine model-only (a batch of 32 preprocessed images already in memory, rounds interleaved so a
@@ -29,9 +29,14 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--seconds", type=float, default=5.0, help="per engine and round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--min-agreement", type=float, default=0.99, help="the gate (loosen to measure a refused model)"
+    )
+    ap.add_argument("--max-drop", type=float, default=0.5)
     a = ap.parse_args()
     t = time.perf_counter()
-    r = export(a.run, format="onnx", quantize="int8")
+    gate = {"min_agreement": a.min_agreement, "max_drop": a.max_drop}
+    r = export(a.run, format="onnx", quantize="int8", gate=gate)
     print(f"export + int8 gate: {time.perf_counter() - t:.0f}s; recipe: {r.int8.attempts[-1].describe()}")
     predictor = load(a.run, device="cpu")
     x, y = load_batch(split_items(a.run, "val", 2000), predictor.preprocess)
