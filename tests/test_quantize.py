@@ -37,6 +37,7 @@ def test_a_normal_calibration_passes_the_gate_and_predicts_like_float(exported):
     r = quantize_int8(exported, exported / "model.onnx", calibration_images=32)
     assert r.path == exported / "model.int8.onnx" and r.path.is_file()
     gate = read_onnx_metadata(r.path)["quantization"]["gate"]
+    assert json.loads((exported / "model.int8.onnx.json").read_text())["quantization"]["gate"] == gate
     assert gate["passed"] and gate["agreement"] >= 0.99 and gate["drop_points"] <= 0.5
     assert r.attempts[-1].passed and r.int8_bytes < r.float_bytes and r.int8_img_s > 0
     val = sorted(str(p) for p in (exported.parent / "data" / "val").rglob("*.png"))

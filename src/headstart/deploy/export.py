@@ -28,7 +28,6 @@ from headstart.core.files import (
     MODEL_JSON,
     SPLIT,
     WEIGHTS,
-    atomic_write_bytes,
     read_json,
     require_finished,
     write_json,
@@ -36,7 +35,7 @@ from headstart.core.files import (
 from headstart.core.metrics import probabilities
 from headstart.data.images import load_image
 from headstart.data.transforms import Preprocess, eval_transform
-from headstart.inference.onnx import INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, onnx_session
+from headstart.inference.onnx import INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, onnx_session, set_onnx_metadata
 from headstart.inference.predictor import load
 from headstart.inference.uncertainty import FeatureDistance
 from headstart.models.store import save_weights
@@ -277,19 +276,6 @@ def _export_onnx(module: ExportModule, path: Path, *, input_size: int, opset: in
             dynamic_shapes={"image": {0: batch}}, verbose=False,
         )  # fmt: skip
     return f"torch.onnx.export(dynamo=True) torch {torch.__version__}, opset {opset}"
-
-
-def set_onnx_metadata(path: Path, meta: dict) -> None:
-    """Write the metadata into the model's metadata_props (one JSON value per key)."""
-    import onnx
-
-    proto = onnx.load(str(path))
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v if isinstance(v, str) else json.dumps(v)
-    proto.doc_string = "headstart export: RGB [0,1] NCHW in, probabilities + logits out"
-    atomic_write_bytes(path, proto.SerializeToString())
 
 
 def _export_torchscript(module: nn.Module, path: Path, *, input_size: int, meta: dict) -> None:

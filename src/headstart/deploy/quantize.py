@@ -23,11 +23,17 @@ from pathlib import Path
 import numpy as np
 
 from headstart.core.errors import ConfigError, DataError, HeadstartError
-from headstart.core.files import MODEL_JSON, read_json
+from headstart.core.files import MODEL_JSON, read_json, write_json
 from headstart.data.images import load_image
 from headstart.data.transforms import Preprocess, eval_transform
 from headstart.inference.logits import split_items
-from headstart.inference.onnx import INPUT_NAME, OUTPUT_NAMES, onnx_session, read_onnx_metadata
+from headstart.inference.onnx import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    onnx_session,
+    read_onnx_metadata,
+    set_onnx_metadata,
+)
 
 CALIBRATION_IMAGES = 128  # measured: 64, 128 and 256 MinMax images give the same ranges on lite0
 DRIFT_SHARES = (0.1, 0.2)  # the fallbacks keep these shares of the most drifting nodes in float
@@ -163,11 +169,18 @@ def quantize_int8(
     preprocess = Preprocess.from_dict(read_json(run_dir / MODEL_JSON)["preprocessing"])
     if calibration is None:
         calibration, _ = load_batch(split_items(run_dir, "train", calibration_images), preprocess)
+    want = (3, preprocess.input_size, preprocess.input_size)
+    if calibration.ndim != 4 or tuple(calibration.shape[1:]) != want:
+        raise ConfigError(f"calibration images must be [N, {', '.join(map(str, want))}] in [0, 1]; got "
+                          f"{list(calibration.shape)}.")  # fmt: skip
+    output.parent.mkdir(parents=True, exist_ok=True)
     x_val, y_val = load_batch(split_items(run_dir, "val", max_val_images), preprocess)
     p_float = run_model(float_path, x_val)
     thresholds = {"min_agreement": min_agreement, "max_drop_points": max_drop}
     attempts: list[Attempt] = []
-    output.unlink(missing_ok=True)  # an int8 file of older weights must not outlive a refusal
+    sidecar = output.with_name(output.name + ".json")
+    for stale in (output, sidecar):  # an int8 file of older weights must not outlive a refusal
+        stale.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".int8-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         q.quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
@@ -200,14 +213,13 @@ def quantize_int8(
 def _keep(cand: Path, output: Path, float_path: Path, attempts: list[Attempt], x_val: np.ndarray,
           n_cal: int, thresholds: dict) -> QuantizeResult:  # fmt: skip
     """Measure, stamp the metadata and move the passing model into place."""
-    from headstart.deploy.export import set_onnx_metadata
-
     f_speed, q_speed = images_per_second(float_path, x_val), images_per_second(cand, x_val)
     result = QuantizeResult(output, attempts, len(x_val), n_cal, float_path.stat().st_size,
                             cand.stat().st_size, f_speed, q_speed, thresholds)  # fmt: skip
     meta = read_onnx_metadata(float_path) | {"quantization": result.summary()}
     set_onnx_metadata(cand, meta)
     shutil.move(str(cand), output)
+    write_json(output.with_name(output.name + ".json"), meta)
     result.int8_bytes = output.stat().st_size
     return result
 

@@ -12,6 +12,7 @@ import torch
 
 from headstart.core.device import available_cores
 from headstart.core.errors import ConfigError, DataError
+from headstart.core.files import atomic_write_bytes
 from headstart.data.transforms import Preprocess, eval_transform
 from headstart.inference.predictor import Predictor, load
 from headstart.inference.uncertainty import ConformalSets, Rejection
@@ -33,6 +34,19 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
         except json.JSONDecodeError:
             out[p.key] = p.value
     return out
+
+
+def set_onnx_metadata(path: Path, meta: dict) -> None:
+    """Write the metadata into the model's metadata_props (one JSON value per key)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v if isinstance(v, str) else json.dumps(v)
+    proto.doc_string = "headstart export: RGB [0,1] NCHW in, probabilities + logits out"
+    atomic_write_bytes(path, proto.SerializeToString())
 
 
 def _ort():

@@ -60,7 +60,10 @@ class RunResults:
     skipped_files: list[dict] = _f(doc="files left out, each {path, reason}", factory=list)
     resumes: int = _f(0, doc="times the run was resumed from a checkpoint")
     world_size: int | None = _f(doc="processes under torchrun (absent for one process)")
-    calibration: dict | None = _f(doc="temperature scaling: temperature, ECE and NLL before/after")
+    calibration: dict | None = _f(
+        doc="`headstart calibrate`: temperature with ECE and NLL before/after; `sets` (conformal threshold, "
+        "held-out coverage, set sizes) and `ood` (rejection threshold, held-out acceptance) when fitted"
+    )
     plan: dict | None = _f(
         doc="--strategy auto: what was measured, every candidate's inner score and time, "
         "the chosen recipe, predicted and actual time of each stage"
