@@ -91,7 +91,7 @@ class Batcher:
                     break
             x = torch.stack([item[0] for item in batch])
             try:
-                probs = await loop.run_in_executor(self.executor, self._rank, x)
+                preds = await loop.run_in_executor(self.executor, self._rank, x)
             except Exception as e:  # noqa: BLE001 - every waiting request gets the error, the loop goes on
                 for _, f in batch:
                     if not f.done():
@@ -99,7 +99,7 @@ class Batcher:
                 continue
             if self.on_batch is not None:
                 self.on_batch(len(batch))
-            for (_, f), p in zip(batch, probs, strict=True):
+            for (_, f), p in zip(batch, preds, strict=True):
                 if not f.done():
                     f.set_result(p)
 
