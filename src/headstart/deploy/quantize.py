@@ -184,10 +184,11 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".int8-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         q.quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
+        graph = _Graph(q, pre, calibration, Path(tmp))
         for recipe in _recipes(fallbacks):
             t0 = time.perf_counter()
             cand = Path(tmp) / f"{len(attempts)}.onnx"
-            excluded = recipe.build(q, pre, cand, calibration, Path(tmp))
+            excluded = recipe.build(graph, cand)
             p_int8 = run_model(cand, x_val)
             a = Attempt(
                 recipe.name,
@@ -231,15 +232,16 @@ class _Recipe:
     dynamic: bool = False
     share: float = 0.0  # of the most drifting nodes kept in float
 
-    def build(self, q, pre: Path, out: Path, calibration: np.ndarray, tmp: Path) -> int:
+    def build(self, graph: _Graph, out: Path) -> int:
         """Write the quantized model; returns how many nodes stay in float."""
+        q = graph.q
         if self.dynamic:
-            q.quantize_dynamic(str(pre), str(out), weight_type=q.QuantType.QInt8, per_channel=True)
+            q.quantize_dynamic(str(graph.pre), str(out), weight_type=q.QuantType.QInt8, per_channel=True)
             return 0
-        exclude = _ends(pre) if self.keep_float != "none" else _tail(pre)
+        exclude = graph.ends if self.keep_float != "none" else graph.tail
         if self.keep_float == "drift":
-            exclude = exclude + _drifting(q, pre, calibration, tmp, already=set(exclude), share=self.share)
-        _static(q, pre, out, calibration, exclude)
+            exclude = exclude + graph.drifting(self.share, already=set(exclude))
+        _static(q, graph.pre, out, graph.calibration, exclude)
         return len(exclude)
 
 
@@ -281,43 +283,43 @@ def _static(q, pre: Path, out: Path, calibration: np.ndarray, exclude: list[str]
     )  # fmt: skip
 
 
-def _tail(pre: Path, *, with_last_conv: bool = False) -> list[str]:
-    """Everything after the last convolution: pooling, head, softmax and the OOD distance. Cheap
-    next to the convolutions, and the distance's large matmul must stay exact."""
-    import onnx
+class _Graph:
+    """The preprocessed float model, read once: which nodes each recipe keeps in float derives
+    from it, and the drift of every node is measured once for all the drift recipes."""
 
-    nodes = onnx.load(str(pre), load_external_data=False).graph.node
-    convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
-    start = (convs[-1] + (0 if with_last_conv else 1)) if convs else 0
-    return [n.name for n in nodes[start:]]
+    def __init__(self, q, pre: Path, calibration: np.ndarray, tmp: Path):
+        import onnx
 
+        self.q, self.pre, self.calibration, self.tmp = q, pre, calibration, tmp
+        self.nodes = list(onnx.load(str(pre), load_external_data=False).graph.node)
+        convs = [i for i, n in enumerate(self.nodes) if n.op_type == "Conv"]
+        # after the last convolution: pooling, head, softmax and the OOD distance. Cheap next to
+        # the convolutions, and the distance's large matmul must stay exact
+        self.tail = [n.name for n in self.nodes[convs[-1] + 1 :]] if convs else [n.name for n in self.nodes]
+        # the first convolution, the last one and the tail after it
+        self.ends = ([self.nodes[convs[0]].name, self.nodes[convs[-1]].name] if convs else []) + self.tail
+        self._ranking: list[str] | None = None
 
-def _ends(pre: Path) -> list[str]:
-    """The first convolution, the last one and the tail after it."""
-    import onnx
+    def drifting(self, share: float, *, already: set[str]) -> list[str]:
+        """The quantized nodes (`share` of them, beyond `already`) whose int8 outputs are furthest
+        from float: lowest signal-to-quantization-noise ratio on calibration images."""
+        left = len(self.nodes) - len({n.name for n in self.nodes} & already)
+        return [n for n in self.ranking() if n not in already][: max(1, int(share * left))]
 
-    nodes = onnx.load(str(pre), load_external_data=False).graph.node
-    first = next((n.name for n in nodes if n.op_type == "Conv"), None)
-    return ([first] if first else []) + _tail(pre, with_last_conv=True)
+    def ranking(self) -> list[str]:
+        """Every node whose output ORT's qdq_loss_debug can compare, most drifting first."""
+        if self._ranking is None:
+            from onnxruntime.quantization import qdq_loss_debug as dbg
 
-
-def _drifting(
-    q, pre: Path, calibration: np.ndarray, tmp: Path, *, already: set[str], share: float
-) -> list[str]:
-    """The quantized nodes (`share` of them, beyond `already`) whose int8 outputs are furthest
-    from float: lowest signal-to-quantization-noise ratio on calibration images."""
-    import onnx
-    from onnxruntime.quantization import qdq_loss_debug as dbg
-
-    plain = tmp / "drift-q.onnx"
-    _static(q, pre, plain, calibration, _tail(pre))
-    sample = calibration[:32]
-    for src, aug in ((pre, tmp / "drift-f-aug.onnx"), (plain, tmp / "drift-q-aug.onnx")):
-        dbg.modify_model_output_intermediate_tensors(str(src), str(aug))
-    acts_f = dbg.collect_activations(str(tmp / "drift-f-aug.onnx"), _reader(q, sample))
-    acts_q = dbg.collect_activations(str(tmp / "drift-q-aug.onnx"), _reader(q, sample))
-    errors = dbg.compute_activation_error(dbg.create_activation_matching(acts_q, acts_f))
-    nodes = [n for n in onnx.load(str(pre)).graph.node if n.name not in already]
-    producer = {o: n.name for n in nodes for o in n.output}
-    scored = sorted((v["qdq_err"], k) for k, v in errors.items() if "qdq_err" in v and k in producer)
-    return [producer[k] for _, k in scored[: max(1, int(share * len(nodes)))]]
+            q, tmp, plain = self.q, self.tmp, self.tmp / "drift-q.onnx"
+            _static(q, self.pre, plain, self.calibration, self.tail)
+            sample = self.calibration[:32]
+            for src, aug in ((self.pre, tmp / "drift-f-aug.onnx"), (plain, tmp / "drift-q-aug.onnx")):
+                dbg.modify_model_output_intermediate_tensors(str(src), str(aug))
+            acts_f = dbg.collect_activations(str(tmp / "drift-f-aug.onnx"), _reader(q, sample))
+            acts_q = dbg.collect_activations(str(tmp / "drift-q-aug.onnx"), _reader(q, sample))
+            errors = dbg.compute_activation_error(dbg.create_activation_matching(acts_q, acts_f))
+            producer = {o: n.name for n in self.nodes for o in n.output}
+            scored = sorted((v["qdq_err"], k) for k, v in errors.items() if "qdq_err" in v and k in producer)
+            self._ranking = [producer[k] for _, k in scored]
+        return self._ranking

@@ -44,7 +44,7 @@ def evaluation_items(
         split_file = Path(run_dir) / SPLIT
         if not split_file.exists():
             raise DataError(f"{str(split_file)!r} is missing; pass --data DIR to evaluate on.")
-        return [(p, int(y)) for p, y in read_json(split_file)["val"]]
+        return split_items(run_dir, "val")
     return dataset_items(data, classes)
 
 

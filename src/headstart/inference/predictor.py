@@ -218,10 +218,10 @@ class Predictor:
         in_set = self.sets.mask(probs) if self.sets else None
         out = []
         for n, p in enumerate(probs):
-            order = np.argsort(-p, kind="stable")[:k]
-            pred = Prediction("", [self.classes[j] for j in order], [float(p[j]) for j in order])
+            order = np.argsort(-p, kind="stable")
+            pred = Prediction("", [self.classes[j] for j in order[:k]], [float(p[j]) for j in order[:k]])
             if in_set is not None:
-                pred.set = [self.classes[j] for j in np.argsort(-p, kind="stable") if in_set[n, j]]
+                pred.set = [self.classes[j] for j in order if in_set[n, j]]
             if ood is not None:
                 pred.ood_score = float(ood[n])
                 pred.unknown = reject and pred.ood_score > self.rejection.threshold

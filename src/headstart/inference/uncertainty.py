@@ -93,15 +93,20 @@ class ConformalSets:
         )
 
 
+def random_halves(n: int, rounds: int, seed: int = 0):
+    """`rounds` random splits of range(n) into a fitting half and a measuring half."""
+    rng = np.random.default_rng(seed)
+    for _ in range(rounds):
+        perm = rng.permutation(n)
+        yield perm[: n // 2], perm[n // 2 :]
+
+
 def held_out_coverage(
     probs: np.ndarray, y: np.ndarray, *, coverage: float, method: str, rounds: int = 200, seed: int = 0
 ) -> dict:
     """Coverage and set size measured honestly: fit on a random half, measure on the other half."""
-    rng = np.random.default_rng(seed)
     covered, sizes = [], []
-    for _ in range(rounds):
-        perm = rng.permutation(len(y))
-        fit, test = perm[: len(y) // 2], perm[len(y) // 2 :]
+    for fit, test in random_halves(len(y), rounds, seed):
         sets = ConformalSets.fit(probs[fit], y[fit], coverage=coverage, method=method)
         m = sets.mask(probs[test])
         covered.append(float(m[np.arange(len(test)), y[test]].mean()))
@@ -173,12 +178,10 @@ class Rejection:
 
 def held_out_acceptance(scores: np.ndarray, *, accept: float, rounds: int = 200, seed: int = 0) -> dict:
     """Share of in-distribution images accepted by a threshold fitted on the other random half."""
-    rng = np.random.default_rng(seed)
-    rates = []
-    for _ in range(rounds):
-        perm = rng.permutation(len(scores))
-        fit, test = perm[: len(scores) // 2], perm[len(scores) // 2 :]
-        rates.append(float((scores[test] <= conformal_quantile(scores[fit], accept)).mean()))
+    rates = [
+        float((scores[test] <= conformal_quantile(scores[fit], accept)).mean())
+        for fit, test in random_halves(len(scores), rounds, seed)
+    ]
     return {
         "rounds": rounds,
         "acceptance_mean": float(np.mean(rates)),

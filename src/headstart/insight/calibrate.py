@@ -34,7 +34,7 @@ from headstart.inference.uncertainty import (
     held_out_coverage,
 )
 from headstart.insight.evaluate import evaluate, evaluation_of, write_evaluation
-from headstart.models.store import save_weights, set_temperature
+from headstart.models.store import save_weights
 from headstart.training.record import RunResults
 
 TRAIN_SAMPLE = 2000  # training images whose features give the class statistics (stratified)
@@ -71,8 +71,8 @@ def calibrate(
     summary = calibration_summary(lg.logits, lg.y, lg.head_kind, t)
     result = {k: v for k, v in summary.items() if not k.startswith("reliability")}
     result |= {"previous_temperature": predictor.temperature, "data": lg.data, "skipped_files": lg.skipped}
-    set_temperature(run_dir, t)
     record = read_json(run_dir / MODEL_JSON)
+    record["temperature"] = float(t)  # predict divides logits by it
     for key in ("conformal", "ood"):
         record.pop(key, None)  # refitted below, or dropped when not asked for: never stale
     if coverage is not None:

@@ -87,14 +87,6 @@ def save_model(
     )
 
 
-def set_temperature(run_dir: str | os.PathLike, temperature: float) -> None:
-    """Store a calibrated temperature in model.json (predict divides logits by it)."""
-    path = Path(run_dir) / MODEL_JSON
-    record = read_json(path)
-    record["temperature"] = float(temperature)
-    write_json(path, record)
-
-
 def load_model(run_dir: str | os.PathLike) -> tuple[TransferModel, Preprocess, dict]:
     """The stored model (CPU, eval mode), its preprocessing and its model.json record.
 
