@@ -21,6 +21,7 @@ from headstart.core.device import configure_threads
 from headstart.data.layout import scan_tree
 from headstart.data.transforms import eval_transform
 from headstart.features.cache import FeatureCache
+from headstart.features.engine import EngineSource, choose_engine
 from headstart.features.extract import extract_features
 from headstart.models.backbones import create_backbone
 from headstart.training.setup import preprocess_of
@@ -50,12 +51,16 @@ def main() -> None:
     base = rss_mib()
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        f = extract_features(bb, items, eval_transform(pp), device=torch.device("cpu"),
-                             draft=pp.resize_size, cache=FeatureCache(tmp, "rss"))  # fmt: skip
+        cpu = torch.device("cpu")
+        engine = EngineSource(choose_engine("auto", cpu, len(items)), bb, pp, cpu, key={"rss": 1},
+                              store=Path(tmp) / "engines")  # fmt: skip
+        f = extract_features(items, eval_transform(pp, uint8=True), engine=engine, dim=bb.feature_dim,
+                             device=cpu, draft=pp.resize_size, cache=FeatureCache(tmp, "rss"))  # fmt: skip
     secs = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"{len(items)} images in {secs:.0f}s ({len(items) / secs:.1f} img/s), features {f.x.shape}")
+    print(f"{len(items)} images in {secs:.0f}s ({len(items) / secs:.1f} img/s, {engine.record['name']}), "
+          f"features {f.x.shape}")  # fmt: skip
     print(f"RSS with model {base:.0f} MiB, peak {peak:.0f} MiB (+{peak - base:.0f} MiB), "
           f"largest loader worker peak {workers:.0f} MiB")  # fmt: skip
 

@@ -79,19 +79,25 @@ def _interp(name: str) -> T.InterpolationMode:
         return T.InterpolationMode.BILINEAR
 
 
-def eval_transform(pp: Preprocess, *, normalize: bool = True) -> T.Compose:
+def _to_tensor(pp: Preprocess, *, normalize: bool, uint8: bool) -> list:
+    # uint8: the frozen engines normalise themselves, and a quarter of the bytes crosses processes
+    if uint8:
+        return [T.PILToTensor()]
+    return [T.ToTensor(), T.Normalize(pp.mean, pp.std)] if normalize else [T.ToTensor()]
+
+
+def eval_transform(pp: Preprocess, *, normalize: bool = True, uint8: bool = False) -> T.Compose:
     """Resize the shorter side, centre crop, normalise (normalize=False: [0, 1] floats, as exported
-    models take them)."""
+    models take them; uint8=True: uint8 [3, H, W], as the frozen engines take them)."""
     ops = [
         T.Resize(pp.resize_size, interpolation=_interp(pp.interpolation)),
         T.CenterCrop(pp.input_size),
-        T.ToTensor(),
     ]
-    return T.Compose(ops + [T.Normalize(pp.mean, pp.std)] if normalize else ops)
+    return T.Compose(ops + _to_tensor(pp, normalize=normalize, uint8=uint8))
 
 
-def train_transform(pp: Preprocess, aug: Augment = Augment()) -> T.Compose:
-    """Random resized crop (+ flips, rotation, colour jitter if asked), normalise."""
+def train_transform(pp: Preprocess, aug: Augment = Augment(), *, uint8: bool = False) -> T.Compose:
+    """Random resized crop (+ flips, rotation, colour jitter if asked), normalise (or uint8)."""
     ops: list = [
         T.RandomResizedCrop(
             pp.input_size, scale=(aug.crop_scale, 1.0), interpolation=_interp(pp.interpolation)
@@ -106,5 +112,4 @@ def train_transform(pp: Preprocess, aug: Augment = Augment()) -> T.Compose:
     if aug.color_jitter:
         j = aug.color_jitter
         ops.append(T.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(0.5, j / 4)))
-    ops += [T.ToTensor(), T.Normalize(pp.mean, pp.std)]
-    return T.Compose(ops)
+    return T.Compose(ops + _to_tensor(pp, normalize=True, uint8=uint8))

@@ -10,12 +10,11 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from headstart.core.device import autocast_for, to_device
 from headstart.core.logs import progress
 from headstart.data.layout import Skipped
 from headstart.data.loading import ImageDataset, make_loader
 from headstart.features.cache import FeatureCache, file_key
-from headstart.models.fastpath import inference_model
+from headstart.features.engine import EngineSource
 
 
 @dataclass
@@ -46,10 +45,11 @@ def cache_stats(*parts: Features) -> dict:
 
 @torch.inference_mode()
 def extract_features(
-    backbone: torch.nn.Module,
     items: list[tuple[str, int]],
     transform,
     *,
+    engine: EngineSource,
+    dim: int,
     device: torch.device,
     batch_size: int = 64,
     num_workers: int | None = None,
@@ -59,20 +59,17 @@ def extract_features(
     cache: FeatureCache | None = None,
     view: int = 0,
     augment_seed: int | None = None,
-    channels_last: bool = True,
-    compile: bool = False,
     load: bool = True,
 ) -> Features:
-    """Features of `items` (or of the indices in `subset`), from the cache where present.
+    """Features [N, dim] of `items` (or of the indices in `subset`), from the cache where present.
 
-    Missing images run through the backbone once (eval mode, the fast path unless channels_last is
-    False) and stream into a new cache shard, so memory stays flat however many images there are.
+    `transform` gives uint8 images. Missing images run once through the engine (built at the first
+    batch that needs it) and stream into a new cache shard, so memory stays flat however many there are.
     `view` > 0 with `augment_seed` is an augmented view seeded by (seed, view, path). load=False
     (a cache is required) leaves x empty; `rows` says where each item's row lies.
     """
     if not load and cache is None:
         raise ValueError("extract_features(load=False) needs a cache to leave the rows in")
-    net = inference_model(backbone, device, compile=compile) if channels_last else backbone.eval()
     wanted = list(range(len(items))) if subset is None else list(subset)
     start = time.perf_counter()
     keys, failed = _file_keys(items, wanted, view)
@@ -81,13 +78,12 @@ def extract_features(
     hits = cache.lookup(list(keys.values())) if cache is not None else {}
     recomputed = cache.recomputed - before if cache is not None else 0
     missing = [i for i in keys if keys[i] not in hits]
-    dim = backbone.feature_dim
     live: dict[int, np.ndarray] = {}  # only without a cache
     writer = cache.writer(len(missing), dim) if cache is not None and missing else None
     row_of = {i: r for r, i in enumerate(missing)}
     try:
         batches = _encode(
-            net,
+            engine,
             items,
             missing,
             transform,
@@ -97,7 +93,6 @@ def extract_features(
             draft=draft,
             augment_seed=augment_seed,
             view=view,
-            channels_last=channels_last,
             desc=desc,
         )
         for idx, f, bad in batches:
@@ -139,7 +134,7 @@ def _matrix(
 
 
 def _encode(
-    net,
+    engine: EngineSource,
     items,
     missing: list[int],
     transform,
@@ -150,10 +145,9 @@ def _encode(
     draft,
     augment_seed,
     view,
-    channels_last,
     desc,
 ) -> Iterator[tuple[list[int], np.ndarray, list[Skipped]]]:
-    """Decode the `missing` items in loader workers and run the backbone: per batch, the item
+    """Decode the `missing` items in loader workers and run the engine: per batch, the item
     indices that loaded, their features [B, D] and the files that failed."""
     if not missing:
         return
@@ -172,11 +166,7 @@ def _encode(
             failed = [Skipped(items[i][0], why) for i, why in batch.failed]
             f = np.empty((0, 0), np.float32)
             if batch.x is not None:
-                x = to_device(batch.x, device)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast_for(device):
-                    f = net(x).float().cpu().numpy()
+                f = engine.get(batch.x).run(batch.x)
             pbar.update(len(batch.y) + len(batch.failed))
             yield batch.index.tolist(), f, failed
 

@@ -26,8 +26,16 @@ from headstart.core.errors import ConfigError
 from headstart.data.layout import DataSplit, Skipped
 from headstart.data.transforms import Preprocess, eval_transform
 from headstart.features.cache import FeatureCache
+from headstart.features.engine import ORT, EngineChoice
 from headstart.features.extract import cache_stats, extract_features
-from headstart.features.views import FeatureOptions, extract_options, open_cache
+from headstart.features.views import (
+    FeatureOptions,
+    cache_spec,
+    engine_source,
+    extract_options,
+    open_cache,
+    with_engine,
+)
 from headstart.models.freezing import FrozenBNStaysEval
 from headstart.models.transfer import TransferModel
 
@@ -201,11 +209,23 @@ def prefix_datasets(model: TransferModel, split: DataSplit, pp: Preprocess, opts
     if not opts.cache:  # --no-cache: a private cache that disappears with the datasets
         tmp = tempfile.TemporaryDirectory(prefix="headstart-prefix-")
         opts = dataclasses.replace(opts, cache=True, cache_dir=tmp.name)
-    cache = open_cache(model.backbone, pp, opts, prefix_split=sp.at, map_shape=list(sp.shape))
-    kw = extract_options(pp, opts, device, cache) | {"load": False}
-    tf = eval_transform(pp)
-    ftr = extract_features(sp.prefix, split.train, tf, desc="prefix train", **kw)
-    fva = extract_features(sp.prefix, split.val, tf, desc="prefix val", **kw)
+
+    def spec_on(engine: EngineChoice) -> dict:
+        return cache_spec(model.backbone, pp, engine, prefix_split=sp.at, map_shape=list(sp.shape))
+
+    def maps(engine: EngineChoice):
+        spec = spec_on(engine)
+        cache = open_cache(spec, opts)
+        source = engine_source(sp.prefix, pp, opts, device, engine, spec)
+        kw = extract_options(pp, opts, device, cache) | {"load": False, "engine": source,
+                                                          "dim": sp.prefix.feature_dim}  # fmt: skip
+        tf = eval_transform(pp, uint8=True)
+        ftr = extract_features(split.train, tf, desc="prefix train", **kw)
+        fva = extract_features(split.val, tf, desc="prefix val", **kw)
+        return cache, source, ftr, fva
+
+    n = len(split.train) + len(split.val)
+    cache, source, ftr, fva = with_engine(maps, opts, device, n, spec_on(EngineChoice(ORT)))
     secs = ftr.seconds + fva.seconds
     stats = cache_stats(ftr, fva)
     hits, misses = stats["features_from_cache"], stats["features_extracted"]
@@ -222,5 +242,6 @@ def prefix_datasets(model: TransferModel, split: DataSplit, pp: Preprocess, opts
         cache, ftr.rows, sp.shape, ftr.y, ftr.index, hflip=aug.hflip, vflip=aug.vflip, keep=tmp
     )
     val_ds = CachedMaps(cache, fva.rows, sp.shape, fva.y, fva.index, keep=tmp)
-    stats = {"cache_prefix": True, "prefix_split": sp.at, "prefix_map_shape": list(sp.shape), **stats}
+    stats = {"cache_prefix": True, "prefix_split": sp.at, "prefix_map_shape": list(sp.shape), **stats,
+             "frozen_engine": source.record}  # fmt: skip
     return PrefixInputs(sp.suffix, train_ds, val_ds, ftr.failed + fva.failed, secs, stats, cache.dir.name)

@@ -14,9 +14,18 @@ from torch.utils.data import Dataset
 
 from headstart.core import logs
 from headstart.core.distributed import DistInfo, all_gather_objects, shard
+from headstart.core.errors import ConfigError
 from headstart.data.layout import DataSplit, Skipped
 from headstart.data.transforms import Augment, Preprocess, eval_transform, train_transform
 from headstart.features.cache import FeatureCache, default_cache_dir, model_key, weights_checksum
+from headstart.features.engine import (
+    ORT,
+    EngineChoice,
+    EngineSource,
+    EngineUnavailable,
+    choose_engine,
+    engine_path,
+)
 from headstart.features.extract import Features, cache_stats, extract_features
 
 
@@ -31,6 +40,7 @@ class FeatureOptions:
     augment: Augment = field(default_factory=Augment)
     seed: int = 0
     compile: bool = False
+    engine: str = "auto"  # auto, torch or onnxruntime: where frozen features and maps are computed
 
 
 class FeatureDataset(Dataset):
@@ -85,33 +95,66 @@ class FeatureInputs:
     stats: dict
 
 
-def open_cache(
-    backbone, pp: Preprocess, opts: FeatureOptions, *, views: str = "eval", **extra
-) -> FeatureCache | None:
-    """The feature cache for this backbone's exact weights and preprocessing (None if disabled).
-
-    `extra` joins the key, e.g. the split point and map shape of cached prefix activations.
-    """
-    if not opts.cache:
-        return None
+def cache_spec(backbone, pp: Preprocess, engine: EngineChoice, **extra) -> dict:
+    """What identifies the rows of a feature cache: the frozen module, its exact weights, the
+    preprocessing, the engine (when not PyTorch) and `extra` (e.g. a prefix split)."""
     spec = {
         "backbone": backbone.config.name,
         "arch": backbone.config.arch,
         "weights": weights_checksum(backbone),
         "preprocess": pp.to_dict(),
-        "views": views,
         **extra,
     }
     if backbone.config.feature_blocks > 1:  # absent otherwise, so existing caches keep their keys
         spec["feature_blocks"] = backbone.config.feature_blocks
-    root = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
-    return FeatureCache(root, model_key(spec), spec)
+    if engine.name != "torch":  # likewise: PyTorch rows keep the keys they always had
+        spec["frozen_engine"] = engine.name
+    return spec
+
+
+def cache_root(opts: FeatureOptions) -> Path:
+    """The cache folder (engines are kept in it too)."""
+    return Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
+
+
+def open_cache(spec: dict, opts: FeatureOptions, *, views: str = "eval") -> FeatureCache | None:
+    """The feature cache for `spec` (cache_spec) and these views (None if disabled)."""
+    if not opts.cache:
+        return None
+    spec = {**spec, "views": views}
+    return FeatureCache(cache_root(opts), model_key(spec), spec)
+
+
+def engine_store(opts: FeatureOptions) -> Path | None:
+    """Exported engines are kept under the cache folder (none without a cache)."""
+    return cache_root(opts) / "engines" if opts.cache else None
+
+
+def engine_source(module, pp: Preprocess, opts: FeatureOptions, device, engine: EngineChoice,
+                  spec: dict) -> EngineSource:  # fmt: skip
+    """Where `module` runs, on `engine`."""
+    return EngineSource(engine, module, pp, device, key=spec, store=engine_store(opts), compile=opts.compile)
+
+
+def with_engine(work, opts: FeatureOptions, device, n_images: int, ort_spec: dict):
+    """work(EngineChoice), on the engine choose_engine picks; if ONNX Runtime turns out unable
+    (export or parity), again on PyTorch, unless ONNX Runtime was asked for by name.
+    `ort_spec`: the cache spec on ONNX Runtime, whose engine may already be exported."""
+    store = engine_store(opts)
+    exported = store is not None and engine_path(ort_spec, store).is_file()
+    choice = choose_engine(opts.engine, device, n_images, compile=opts.compile, exported=exported)
+    try:
+        return work(choice)
+    except EngineUnavailable as e:
+        if choice.strict:
+            raise ConfigError(f"--frozen-engine onnxruntime: {e}. Use --frozen-engine auto or torch.") from e
+        logs.warning(f"{e}; computing with PyTorch instead")
+        return work(EngineChoice("torch", note=str(e)))
 
 
 def extract_options(pp: Preprocess, opts: FeatureOptions, device, cache: FeatureCache | None) -> dict:
     """The keyword arguments of extract_features shared by feature and prefix-map extraction."""
-    return dict(device=device, batch_size=64, num_workers=opts.num_workers, draft=pp.resize_size, cache=cache,
-                compile=opts.compile)  # fmt: skip
+    return dict(device=device, batch_size=64, num_workers=opts.num_workers, draft=pp.resize_size, cache=cache)
 
 
 def feature_datasets(
@@ -119,12 +162,22 @@ def feature_datasets(
 ) -> FeatureInputs:
     """Features of train and val (un-augmented, plus opts.views - 1 augmented views of train), from
     the cache or computed once. Ranks of a torchrun job each extract a strided share, then gather."""
-    cache = open_cache(backbone, pp, opts)
-    kw = extract_options(pp, opts, device, cache)
-    tf = eval_transform(pp)
+    n = (len(split.train) + len(split.val)) * opts.views
+    ort_spec = cache_spec(backbone, pp, EngineChoice(ORT))
+    return with_engine(lambda engine: _feature_datasets(backbone, split, pp, opts, device, dist, engine),
+                       opts, device, n, ort_spec)  # fmt: skip
+
+
+def _feature_datasets(backbone, split: DataSplit, pp: Preprocess, opts: FeatureOptions, device,
+                      dist: DistInfo, engine: EngineChoice) -> FeatureInputs:  # fmt: skip
+    spec = cache_spec(backbone, pp, engine)
+    cache = open_cache(spec, opts)
+    source = engine_source(backbone, pp, opts, device, engine, spec)
+    kw = extract_options(pp, opts, device, cache) | {"engine": source, "dim": backbone.feature_dim}
+    tf = eval_transform(pp, uint8=True)
 
     def features(items: list, desc: str) -> Features:  # each rank a strided share, then gathered
-        f = extract_features(backbone, items, tf, desc=desc, subset=shard(range(len(items)), dist), **kw)
+        f = extract_features(items, tf, desc=desc, subset=shard(range(len(items)), dist), **kw)
         return gather_features(f, dist)
 
     try:
@@ -132,15 +185,15 @@ def feature_datasets(
     finally:
         if cache is not None:
             cache.close()
-    views = augmented_views(backbone, split, pp, opts, ftr.index, dist, kw)
+    views = augmented_views(split, pp, opts, ftr.index, dist, spec, kw)
     parts = [ftr, fva, *views]
     secs, n = sum(p.seconds for p in parts), sum(len(p.y) for p in parts)
     stats = cache_stats(*parts)
     hits, misses = stats["features_from_cache"], stats["features_extracted"]
     where = f"cache {cache.dir}" if cache is not None else "no cache"
     logs.info(
-        f"features: {n} images in {secs:.1f}s, {misses} extracted ({misses / max(secs, 1e-9):.1f} img/s), "
-        f"{hits} from {where} (hit rate {stats['cache_hit_rate']:.0%})"
+        f"features: {n} images in {secs:.1f}s, {misses} extracted ({misses / max(secs, 1e-9):.1f} img/s, "
+        f"{source.record['name']}), {hits} from {where} (hit rate {stats['cache_hit_rate']:.0%})"
     )
     # The feature datasets keep item indices, so failures and NaN reports still name files.
     return FeatureInputs(
@@ -148,31 +201,31 @@ def feature_datasets(
         FeatureDataset(fva.x, fva.y, fva.index),
         ftr.failed + fva.failed,
         secs,
-        stats,
+        stats | {"frozen_engine": source.record},
     )
 
 
 def augmented_views(
-    backbone,
     split: DataSplit,
     pp: Preprocess,
     opts: FeatureOptions,
     ok: torch.Tensor,
     dist: DistInfo,
+    spec: dict,
     kw: dict,
 ) -> list[Features]:
     """Views 1..K-1 of the training images that loaded: the training augmentation, seeded by
     (seed, view, path), in their own cache (keyed by the augmentation and seed)."""
     if opts.views <= 1:
         return []
-    spec = f"train-augment:{json.dumps(dataclasses.asdict(opts.augment), sort_keys=True)}:seed={opts.seed}"
-    cache = open_cache(backbone, pp, opts, views=spec)
-    tf = train_transform(pp, opts.augment)
+    aug = json.dumps(dataclasses.asdict(opts.augment), sort_keys=True)
+    views_spec = f"train-augment:{aug}:seed={opts.seed}"
+    cache = open_cache(spec, opts, views=views_spec)
+    tf = train_transform(pp, opts.augment, uint8=True)
     out = []
     try:
         for v in range(1, opts.views):
             f = extract_features(
-                backbone,
                 split.train,
                 tf,
                 desc=f"features train view {v}",

@@ -146,6 +146,14 @@ class TrainConfig:
         "+ K-1 augmented (default 1; see docs/speed.md)",
     )
     compile: bool = option(False, group=RUN, help="torch.compile the frozen backbone (opt-in)")
+    frozen_engine: str = option(
+        "auto",
+        group=RUN,
+        choices=("auto", "torch", "onnxruntime"),
+        help="what computes frozen features and cached prefix maps: auto (ONNX Runtime on a CPU for "
+        "1000+ images when installed and it matches PyTorch on the first batch, else PyTorch), "
+        "torch, onnxruntime",
+    )
     cache_prefix: bool = option(
         False,
         group=RUN,
@@ -184,6 +192,7 @@ class TrainConfig:
             augment=self.augment,
             seed=self.seed,
             compile=self.compile,
+            engine=self.frozen_engine,
         )
 
     def to_dict(self) -> dict:

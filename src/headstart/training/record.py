@@ -37,6 +37,9 @@ class RunResults:
     cache_prefix: bool | None = _f(doc="finetune --cache-prefix: trained on cached prefix maps")
     prefix_split: str | None = _f(doc="--cache-prefix: first module of the trainable suffix")
     prefix_map_shape: list[int] | None = _f(doc="--cache-prefix: shape (C, H, W) of one cached map")
+    frozen_engine: dict | None = _f(
+        doc="what computed the frozen features or maps: name (torch, onnxruntime), why, parity with PyTorch"
+    )
     strategy: str | None = _f(doc="--strategy")
     classifier: str | None = _f(doc="linear-probe: logistic or svm")
     probe_C: float | None = _f(doc="linear-probe: regularisation strength chosen by cross-validation")
