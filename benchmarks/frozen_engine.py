@@ -1,7 +1,7 @@
 """Benchmark (c), extended: end-to-end frozen extraction (JPEG files -> features) before and after the
 frozen engine, and the accuracy each engine's features give. One run, same images, quiet machine.
 
-1. speed on the first --limit training images, each path from files to features:
+1. speed on the first --limit images (train, then val), each path from files to features:
    - before: float transform in the loader workers + the PyTorch fast path (headstart until now)
    - torch:  uint8 transform + PyTorch fast path, normalised in the engine
    - onnxruntime: uint8 transform + ONNX Runtime (export and parity check included, counted once)
@@ -76,7 +76,8 @@ def main() -> None:
     bb = create_backbone("efficientnet_lite0").eval()
     pp = preprocess_of(bb)
     for data in a.data:
-        items = resolve_data(data).train[: a.limit]
+        split = resolve_data(data)
+        items = (split.train + split.val)[: a.limit]
         base = before(bb, pp, items)
         with tempfile.TemporaryDirectory() as tmp:
             t_torch, _ = now(bb, pp, items, "torch", Path(tmp))
