@@ -57,6 +57,23 @@ def test_time_model_on_synthetic_speeds():
     assert sizes_for(DataProfile(1, 1, 2, 1, 500)) == [224]
 
 
+def test_frozen_work_is_priced_on_the_engine_that_runs_it():
+    ort = speed(engine="onnxruntime", engine_forward={"efficientnet_lite0": 300.0}, export_seconds=6.0)
+    features = Candidate("extract", "features", {"strategy": "extract"}, REFERENCE)
+    # 1000 + 200 images: ONNX Runtime at min(300, 500 decode) img/s plus one export
+    assert seconds(features, ort, n=1000, m=200, epochs=0) == pytest.approx(3 + 6 + 1200 / 300 + 0.36)
+    prefix = Candidate("p", "prefix", {"strategy": "finetune"}, 112, groups=2)
+    assert seconds(prefix, ort, n=1000, m=200, epochs=4) == pytest.approx(
+        3 + 6 + 1200 / 500 + 4 * (1000 / 800 + 200 / 2400)  # 1200 img/s at 112 px: decoding bounds it
+    )
+    # below the engine's threshold, and for a cache that holds everything, PyTorch's numbers as before
+    small = dict(n=500, m=100, epochs=0)
+    assert seconds(features, ort, **small) == seconds(features, speed(), **small)
+    assert seconds(features, ort, n=1000, m=200, epochs=0, cached=1.0) == pytest.approx(3 + 0.36)
+    images = Candidate("i", "images", {"strategy": "finetune"}, REFERENCE, groups=2)
+    assert seconds(images, ort, n=1000, m=200, epochs=2) == seconds(images, speed(), n=1000, m=200, epochs=2)
+
+
 def test_durations():
     assert (parse_duration("10m"), parse_duration("1h30m"), parse_duration("90s"), parse_duration(120)) == (
         600,

@@ -151,9 +151,9 @@ def build_engine(
     try:
         if store is None:  # no cache to keep it in: the session holds the graph, the file can go
             with tempfile.TemporaryDirectory(prefix="headstart-engine-") as tmp:
-                session = _session(export_frozen(module, pp, key=key, folder=Path(tmp)))
+                session = ort_session(export_frozen(module, pp, key=key, folder=Path(tmp)))
         else:
-            session = _session(export_frozen(module, pp, key=key, folder=store))
+            session = ort_session(export_frozen(module, pp, key=key, folder=store))
         ours = session.run(None, {"image": first.numpy()})[0]
     except Exception as e:  # noqa: BLE001 - an export fails in many ways; each means "use PyTorch"
         why = f"{type(e).__name__}: {e}"
@@ -231,7 +231,8 @@ def export_frozen(module: nn.Module, pp: Preprocess, *, key: dict, folder: Path)
     return path
 
 
-def _session(path: Path):
+def ort_session(path: Path):
+    """An ONNX Runtime CPU session for frozen work: every core, no spinning."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from headstart.features.engine import MIN_IMAGES_FOR_ORT, ORT
 from headstart.training.auto.profile import REFERENCE, DataProfile, Speed
 
 BASE = "efficientnet_lite0"
@@ -96,6 +97,11 @@ def seconds(c: Candidate, speed: Speed, *, n: int, m: int, epochs: int, cached: 
     px = (c.size / REFERENCE) ** 2
     forward = speed.forward[c.backbone] / px
     extract = (n + m) * (1 - cached) / max(1e-6, min(forward, speed.decode))
+    on_ort = speed.engine == ORT and n + m >= MIN_IMAGES_FOR_ORT and c.kind in ("features", "prefix")
+    if on_ort and cached < 1:
+        # frozen work on ONNX Runtime (features/engine.py): its rate, plus one export of the frozen part
+        frozen = speed.engine_forward[c.backbone] / px
+        extract = speed.export_seconds + (n + m) * (1 - cached) / max(1e-6, min(frozen, speed.decode))
     epochs = c.epochs(epochs)
     factor = speed.correction.get(c.cost_kind, 1.0)
     if c.kind == "features":

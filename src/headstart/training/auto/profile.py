@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -17,6 +18,7 @@ from headstart.data.images import load_image
 from headstart.data.layout import DataSplit
 from headstart.data.loading import default_workers
 from headstart.data.transforms import Preprocess, eval_transform
+from headstart.features.engine import ORT, choose_engine, export_frozen, ort_session
 from headstart.features.prefix import split_model
 from headstart.models.backbones import create_backbone
 from headstart.models.fastpath import inference_model
@@ -74,6 +76,11 @@ class Speed:
     correction: dict[str, float] = field(default_factory=dict)
     extracted: dict[str, set] = field(default_factory=dict, repr=False)  # cache key -> image paths in it
     seconds: float = 0.0  # what measuring cost
+    # the frozen engine auto picks for large sets (features/engine.py): its forward img/s per
+    # backbone and what one export of a frozen part costs; empty where it is PyTorch
+    engine: str = "torch"
+    engine_forward: dict[str, float] = field(default_factory=dict)
+    export_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         """Plain-JSON form (without the paths of what the search cached)."""
@@ -88,9 +95,10 @@ def measure(
     groups=(1, 2, 3),
     min_seconds: float = 0.6,
     weights: str | None = None,
+    frozen_engine: str = "auto",
 ) -> Speed:
     """Time decoding real images and the backbone's forward and training steps (random weights:
-    speed does not depend on their values)."""
+    speed does not depend on their values), and the frozen engine large extractions will use."""
     t0 = time.perf_counter()
     dev = pick_device(device)
     threads = configure_threads()
@@ -109,6 +117,8 @@ def measure(
         speed.suffix_train[g], speed.image_train[g] = _train_rates(
             backbones[0], g, x, dev, min_seconds, weights
         )
+    if choose_engine(frozen_engine, dev, len(split.train) + len(split.val)).name == ORT:
+        _engine_rates(speed, backbones, min_seconds)
     speed.seconds = time.perf_counter() - t0
     logs.info(
         f"auto: measured in {speed.seconds:.1f}s: decode {speed.decode:.0f} img/s ({workers} workers), "
@@ -119,8 +129,37 @@ def measure(
         + " img/s; on images "
         + ", ".join(f"{g} groups {v:.0f}" for g, v in speed.image_train.items())
         + f" img/s (at {REFERENCE} px)"
+        + (
+            f"; frozen work on ONNX Runtime {speed.engine_forward[backbones[0]]:.0f} img/s, "
+            f"export {speed.export_seconds:.1f}s"
+            if speed.engine == ORT
+            else ""
+        )  # fmt: skip
     )
     return speed
+
+
+def _engine_rates(speed: Speed, backbones: list[str], min_seconds: float) -> None:
+    """ONNX Runtime's forward img/s (the first backbone measured, the others scaled like PyTorch's)
+    and the seconds of one export; PyTorch stays the engine where ONNX Runtime fails here."""
+    import tempfile
+
+    pp = Preprocess(REFERENCE, (0.5,) * 3, (0.5,) * 3)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, REFERENCE, REFERENCE), dtype=torch.uint8, generator=gen).numpy()
+    try:
+        with tempfile.TemporaryDirectory(prefix="headstart-auto-engine-") as tmp:
+            t = time.perf_counter()
+            path = export_frozen(create_backbone(backbones[0], weights="none"), pp, key={}, folder=Path(tmp))
+            speed.export_seconds = time.perf_counter() - t
+            session = ort_session(path)
+            run = lambda: session.run(None, {"image": x})  # noqa: E731
+            rate = images_per_second(run, len(x), min_seconds=min_seconds, device=torch.device("cpu"))
+    except Exception as e:  # noqa: BLE001 - the runs fall back to PyTorch the same way
+        logs.info(f"auto: ONNX Runtime could not be measured ({type(e).__name__}: {e}); pricing PyTorch")
+        return
+    speed.engine = ORT
+    speed.engine_forward = {b: rate * speed.forward[b] / speed.forward[backbones[0]] for b in backbones}
 
 
 def _decode_rate(split: DataSplit, workers: int, n: int = 24) -> float:

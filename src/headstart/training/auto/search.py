@@ -59,7 +59,13 @@ def choose(
     profile = DataProfile.of(split)
     # other embedded backbones are tried beside the default one, where the budget allows
     larger = [*LARGER] if budget.seconds >= 1800 and cfg.backbone == BASE and cfg.weights is None else []
-    speed = speed or measure(split, [cfg.backbone, *larger], device=cfg.device, weights=cfg.weights)
+    speed = speed or measure(
+        split,
+        [cfg.backbone, *larger],
+        device=cfg.device,
+        weights=cfg.weights,
+        frozen_engine=cfg.frozen_engine,
+    )
     record = {
         "budget_seconds": budget.seconds,
         "profile": dataclasses.asdict(profile),
@@ -352,7 +358,13 @@ def preview(cfg, *, speed: Speed | None = None) -> dict:
     split = resolve_data(cfg.data, val=cfg.val, val_fraction=cfg.val_fraction, seed=cfg.seed)
     profile = DataProfile.of(split)
     larger = [*LARGER] if budget.seconds >= 1800 and cfg.backbone == BASE and cfg.weights is None else []
-    speed = speed or measure(split, [cfg.backbone, *larger], device=cfg.device, weights=cfg.weights)
+    speed = speed or measure(
+        split,
+        [cfg.backbone, *larger],
+        device=cfg.device,
+        weights=cfg.weights,
+        frozen_engine=cfg.frozen_engine,
+    )
     everything = grid(profile, speed, cfg.backbone)
     candidates = affordable(everything, speed, profile, budget.left() * SAFETY)
     k = 3 if len(split.train) * 0.2 < 500 else 1
