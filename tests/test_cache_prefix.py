@@ -105,6 +105,35 @@ def test_run_trains_the_suffix_saves_a_normal_model_and_reuses_the_cache(tiny_sp
     assert len(specs) == 1 and '"prefix_split": "body.blocks.3.0"' in specs[0]
 
 
+def test_cache_views_serve_augmented_maps_per_epoch_and_are_cached(tiny_split, tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache")
+    r = train(tiny_split, output=tmp_path / "a", epochs=3, cache_dir=cache, cache_views=3, **FAST)
+    # 24 train + 10 val un-augmented maps, then 2 augmented views of the 24 training images
+    assert (r["features_extracted"], r["features_from_cache"], r["cache_views"]) == (34 + 48, 0, 3)
+    plain = train(tiny_split, output=tmp_path / "p", epochs=3, cache_dir=cache, **FAST)
+    assert plain["features_from_cache"] == 34 and plain.metrics[0]["train_loss"] != r.metrics[0]["train_loss"]
+    again = train(tiny_split, output=tmp_path / "b", epochs=3, cache_dir=cache, cache_views=3, **FAST)
+    assert (again["features_extracted"], again["features_from_cache"]) == (0, 82)
+    same = [dict(m, seconds=n["seconds"]) for m, n in zip(r.metrics, again.metrics, strict=True)]
+    assert again.metrics == same
+
+    # each epoch picks one of the three maps of every image: another epoch, other maps
+    from headstart.features import prefix as P
+
+    seen = {}
+    real = P.CachedMaps.take
+
+    def spy(self, rows):
+        if self.views:
+            seen.setdefault(self.epoch, []).append(real(self, rows).clone())
+        return real(self, rows)
+
+    monkeypatch.setattr(P.CachedMaps, "take", spy)
+    train(tiny_split, output=tmp_path / "c", epochs=2, cache_dir=cache, cache_views=3, hflip=False, **FAST)
+    first, second = (torch.cat(seen[e]).sum(0) for e in sorted(seen))
+    assert len(seen) == 2 and not torch.equal(first, second)
+
+
 def test_no_cache_uses_a_temporary_cache(tiny_split, tmp_path):
     before = set(Path(os.environ["HEADSTART_CACHE"]).glob("*"))
     r = train(tiny_split, output=tmp_path / "run", epochs=1, cache=False, **FAST)

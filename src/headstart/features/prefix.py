@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tempfile
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -24,12 +25,13 @@ from headstart.core import logs
 from headstart.core.distributed import DistInfo
 from headstart.core.errors import ConfigError
 from headstart.data.layout import DataSplit, Skipped
-from headstart.data.transforms import Preprocess, eval_transform
+from headstart.data.transforms import Preprocess, eval_transform, train_transform
 from headstart.features.cache import FeatureCache
 from headstart.features.engine import ORT, EngineChoice
-from headstart.features.extract import cache_stats, extract_features
+from headstart.features.extract import Features, cache_stats, extract_features
 from headstart.features.views import (
     FeatureOptions,
+    augment_spec,
     cache_spec,
     engine_source,
     extract_options,
@@ -153,19 +155,34 @@ def split_model(model: TransferModel, *, input_size: int) -> PrefixSplit:
 
 
 class CachedMaps(Dataset):
-    """Cached prefix maps read row by row from the memory-mapped shards, flipped at random if asked."""
+    """Cached prefix maps read row by row from the memory-mapped shards, flipped at random if asked.
 
-    def __init__(self, cache: FeatureCache, rows, shape, y, index, *, hflip=False, vflip=False, keep=None):
+    With augmented `views` (each a list of (cache, row) aligned with `rows`), every epoch serves one
+    of the 1 + len(views) maps of each image, picked by (seed, epoch, index) so resumed runs match.
+    """
+
+    def __init__(self, cache: FeatureCache, rows, shape, y, index, *, hflip=False, vflip=False, keep=None,
+                 views=(), seed: int = 0):  # fmt: skip
         self.cache, self.rows, self.shape = cache, rows, tuple(shape)
         self.y, self.index = y, index
         self.hflip, self.vflip = hflip, vflip
+        self.views, self.seed, self.epoch = list(views), seed, 0
         self._keep = keep  # a temporary cache folder lives as long as the dataset
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _source(self, i: int) -> tuple[FeatureCache, tuple[str, int]]:
+        """Where image i's map of this epoch lies."""
+        if self.views:
+            v = zlib.crc32(f"{self.seed}:{self.epoch}:{int(self.index[i])}".encode()) % (1 + len(self.views))
+            if v:
+                return self.views[v - 1][i]
+        return self.cache, self.rows[i]
+
     def __getitem__(self, i: int):
-        x = torch.from_numpy(self.cache.read([self.rows[i]], math.prod(self.shape))[0])
+        cache, row = self._source(i)
+        x = torch.from_numpy(cache.read([row], math.prod(self.shape))[0])
         x = x.view(self.shape).float()
         # flips of the map stand in for flips of the image (approximate; see the module docstring)
         if self.hflip and torch.rand(()) < 0.5:
@@ -177,13 +194,45 @@ class CachedMaps(Dataset):
     def take(self, rows: list[int]) -> torch.Tensor:
         """The maps of `rows` as one float32 batch [B, C, H, W], read shard by shard and flipped at
         random per map (the batched form of __getitem__, for SlicedBatches)."""
-        x = torch.from_numpy(self.cache.read([self.rows[i] for i in rows], math.prod(self.shape)))
+        dim = math.prod(self.shape)
+        if self.views:
+            sources = [self._source(i) for i in rows]
+            x = torch.empty(len(rows), dim, dtype=torch.float16)
+            for cache in {id(c): c for c, _ in sources}.values():  # one gather per cache
+                pos = [k for k, (c, _) in enumerate(sources) if c is cache]
+                x[pos] = torch.from_numpy(cache.read([sources[k][1] for k in pos], dim))
+        else:
+            x = torch.from_numpy(self.cache.read([self.rows[i] for i in rows], dim))
         x = x.view(len(rows), *self.shape).float()
         for flip, dim in ((self.hflip, -1), (self.vflip, -2)):
             if flip:
                 chosen = torch.rand(len(rows)) < 0.5
                 x[chosen] = x[chosen].flip(dim)
         return x
+
+
+def map_views(split: DataSplit, pp: Preprocess, opts: FeatureOptions, spec: dict, base: Features,
+              kw: dict) -> list[tuple[FeatureCache, Features]]:  # fmt: skip
+    """Maps of views 1..K-1 of the training images that loaded (the training augmentation, seeded
+    by (seed, view, path)), each view's rows in the augmented-views cache."""
+    if opts.views <= 1:
+        return []
+    cache = open_cache(spec, opts, views=augment_spec(opts))
+    tf = train_transform(pp, opts.augment, uint8=True)
+    out = []
+    for v in range(1, opts.views):
+        f = extract_features(split.train, tf, desc=f"prefix train view {v}", view=v, augment_seed=opts.seed,
+                             subset=base.index.tolist(), **{**kw, "cache": cache})  # fmt: skip
+        out.append((cache, f))
+    return out
+
+
+def align_entries(view: Features, cache: FeatureCache, base: Features, base_cache: FeatureCache) -> list:
+    """(cache, row) of each image's map in this view, in `base`'s order; an image that failed in
+    the view (a file changed or broke since) keeps its un-augmented map."""
+    row = {int(i): r for i, r in zip(view.index.tolist(), view.rows, strict=True)}
+    return [(cache, row[int(i)]) if int(i) in row else (base_cache, b)
+            for i, b in zip(base.index.tolist(), base.rows, strict=True)]  # fmt: skip
 
 
 @dataclass
@@ -222,12 +271,12 @@ def prefix_datasets(model: TransferModel, split: DataSplit, pp: Preprocess, opts
         tf = eval_transform(pp, uint8=True)
         ftr = extract_features(split.train, tf, desc="prefix train", **kw)
         fva = extract_features(split.val, tf, desc="prefix val", **kw)
-        return cache, source, ftr, fva
+        return cache, source, ftr, fva, map_views(split, pp, opts, spec, ftr, kw)
 
-    n = len(split.train) + len(split.val)
-    cache, source, ftr, fva = with_engine(maps, opts, device, n, spec_on(EngineChoice(ORT)))
-    secs = ftr.seconds + fva.seconds
-    stats = cache_stats(ftr, fva)
+    n = len(split.train) * opts.views + len(split.val)
+    cache, source, ftr, fva, views = with_engine(maps, opts, device, n, spec_on(EngineChoice(ORT)))
+    secs = ftr.seconds + fva.seconds + sum(f.seconds for _, f in views)
+    stats = cache_stats(ftr, fva, *(f for _, f in views))
     hits, misses = stats["features_from_cache"], stats["features_extracted"]
     aug = opts.augment
     logs.info(
@@ -235,12 +284,17 @@ def prefix_datasets(model: TransferModel, split: DataSplit, pp: Preprocess, opts
         f"({hits + misses} images, {misses} computed, {hits} from cache, "
         f"hit rate {stats['cache_hit_rate']:.0%}, "
         f"{secs:.1f}s); epochs train the suffix and head with "
-        + ("map flips only" if aug.hflip or aug.vflip else "no augmentation")
-        + " (random crops, rotation and colour jitter are not applied to cached maps)"
+        + ("map flips" if aug.hflip or aug.vflip else "no augmentation")
+        + (
+            f" and {len(views)} augmented views of each training image"
+            if views
+            else " only (random crops, rotation and colour jitter are not applied to cached maps; "
+            "--cache-views K caches K-1 augmented views)"
+        )
     )
-    train_ds = CachedMaps(
-        cache, ftr.rows, sp.shape, ftr.y, ftr.index, hflip=aug.hflip, vflip=aug.vflip, keep=tmp
-    )
+    aligned = [align_entries(f, c, ftr, cache) for c, f in views]
+    train_ds = CachedMaps(cache, ftr.rows, sp.shape, ftr.y, ftr.index, hflip=aug.hflip, vflip=aug.vflip,
+                          keep=tmp, views=aligned, seed=opts.seed)  # fmt: skip
     val_ds = CachedMaps(cache, fva.rows, sp.shape, fva.y, fva.index, keep=tmp)
     stats = {"cache_prefix": True, "prefix_split": sp.at, "prefix_map_shape": list(sp.shape), **stats,
              "frozen_engine": source.record}  # fmt: skip

@@ -205,6 +205,12 @@ def _feature_datasets(backbone, split: DataSplit, pp: Preprocess, opts: FeatureO
     )
 
 
+def augment_spec(opts: FeatureOptions) -> str:
+    """The cache's view name of augmented views: the augmentation and its seed."""
+    aug = json.dumps(dataclasses.asdict(opts.augment), sort_keys=True)
+    return f"train-augment:{aug}:seed={opts.seed}"
+
+
 def augmented_views(
     split: DataSplit,
     pp: Preprocess,
@@ -218,9 +224,7 @@ def augmented_views(
     (seed, view, path), in their own cache (keyed by the augmentation and seed)."""
     if opts.views <= 1:
         return []
-    aug = json.dumps(dataclasses.asdict(opts.augment), sort_keys=True)
-    views_spec = f"train-augment:{aug}:seed={opts.seed}"
-    cache = open_cache(spec, opts, views=views_spec)
+    cache = open_cache(spec, opts, views=augment_spec(opts))
     tf = train_transform(pp, opts.augment, uint8=True)
     out = []
     try:

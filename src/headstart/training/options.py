@@ -142,8 +142,8 @@ class TrainConfig:
         group=RUN,
         metavar="K",
         min=1,
-        help="extract/linear-probe: cache K views per training image, the eval view "
-        "+ K-1 augmented (default 1; see docs/speed.md)",
+        help="extract, linear-probe, --cache-prefix: cache K views per training image, the eval "
+        "view + K-1 augmented (default 1; see docs/speed.md)",
     )
     compile: bool = option(False, group=RUN, help="torch.compile the frozen backbone (opt-in)")
     frozen_engine: str = option(
@@ -247,10 +247,11 @@ def unknown_options(names: list[str]) -> str:
 
 def _cross_checks(c: TrainConfig) -> None:
     """Rules that involve two options."""
-    if c.cache_views > 1 and c.strategy not in ("extract", "linear-probe"):
+    if c.cache_views > 1 and c.strategy not in ("extract", "linear-probe") and not c.cache_prefix:
         raise ConfigError(
             f"--cache-views {c.cache_views} applies to cached features (--strategy extract or "
-            f"linear-probe); --strategy {c.strategy} sees a fresh augmentation every epoch already."
+            f"linear-probe) and cached prefix maps (--cache-prefix); --strategy {c.strategy} sees a "
+            "fresh augmentation every epoch already."
         )
     if c.cache_prefix and c.strategy != "finetune":
         raise ConfigError(
