@@ -4,9 +4,9 @@ When the first blocks of the backbone stay frozen, their output for an image nev
 computed once per image (eval mode, un-augmented eval transform, the BN-folded channels-last fast
 path) and streamed into the feature cache as float16 rows, one flattened C*H*W map per image;
 the epochs then read the maps back through memory-mapped shards and run only the trainable
-suffix and the head. The only augmentations are flips of the cached map, an approximation of
-flipping the image (the prefix's convolutions and padding are not exactly mirror-symmetric);
-random crops, rotation and colour jitter cannot be applied to cached maps and are left out.
+suffix and the head. The augmentations are flips of the cached map, an approximation of
+flipping the image (the prefix's convolutions and padding are not exactly mirror-symmetric), and,
+with --cache-views K, K-1 cached maps of augmented crops of each training image, one per epoch.
 """
 
 from __future__ import annotations
