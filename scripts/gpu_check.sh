@@ -3,7 +3,8 @@
 # ONNX export and predict through it, serve, then the fast test suite with the GPU visible.
 # Usage: scripts/gpu_check.sh DATA OUTDIR   (DATA: an image folder with train/ and val/)
 # Each step prints its exit code and wall time; the script goes on after a failure and ends
-# with a table, so one run on a lent machine shows everything that breaks.
+# with a table, so one run on a lent machine shows everything that breaks. Install what the machine
+# lacks first (embedded weights, torchinfo, fastapi and its dependencies, opentelemetry among them).
 set -u
 DATA=${1:?usage: gpu_check.sh DATA OUTDIR}
 OUT_DIR=${2:?usage: gpu_check.sh DATA OUTDIR}
