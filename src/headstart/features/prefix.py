@@ -284,12 +284,12 @@ def prefix_datasets(model: TransferModel, split: DataSplit, pp: Preprocess, opts
         f"({hits + misses} images, {misses} computed, {hits} from cache, "
         f"hit rate {stats['cache_hit_rate']:.0%}, "
         f"{secs:.1f}s); epochs train the suffix and head with "
-        + ("map flips" if aug.hflip or aug.vflip else "no augmentation")
+        + ("map flips" if aug.hflip or aug.vflip else "no flips")
         + (
             f" and {len(views)} augmented views of each training image"
             if views
-            else " only (random crops, rotation and colour jitter are not applied to cached maps; "
-            "--cache-views K caches K-1 augmented views)"
+            else " and no other augmentation (random crops, rotation and colour jitter cannot be "
+            "applied to cached maps; --cache-views K caches K-1 augmented views)"
         )
     )
     aligned = [align_entries(f, c, ftr, cache) for c, f in views]

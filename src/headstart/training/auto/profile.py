@@ -134,7 +134,7 @@ def measure(
             f"export {speed.export_seconds:.1f}s"
             if speed.engine == ORT
             else ""
-        )  # fmt: skip
+        )
     )
     return speed
 

@@ -57,15 +57,7 @@ def choose(
     split = resolve_data(cfg.data, val=cfg.val, val_fraction=cfg.val_fraction, seed=cfg.seed)
     check_weights(cfg.backbone, cfg.weights)  # missing weights: say so now, not after the search
     profile = DataProfile.of(split)
-    # other embedded backbones are tried beside the default one, where the budget allows
-    larger = [*LARGER] if budget.seconds >= 1800 and cfg.backbone == BASE and cfg.weights is None else []
-    speed = speed or measure(
-        split,
-        [cfg.backbone, *larger],
-        device=cfg.device,
-        weights=cfg.weights,
-        frozen_engine=cfg.frozen_engine,
-    )
+    speed = speed or measure_for(cfg, split, budget)
     record = {
         "budget_seconds": budget.seconds,
         "profile": dataclasses.asdict(profile),
@@ -98,6 +90,14 @@ def choose(
         f"{budget.left():.0f}s left"
     )
     return Plan(final.config, budget.deadline, record, subset)
+
+
+def measure_for(cfg, split: DataSplit, budget: Budget) -> Speed:
+    """This machine's speeds for the run's backbone (and, where the budget allows, the other
+    embedded backbones tried beside the default one) and frozen engine."""
+    larger = [*LARGER] if budget.seconds >= 1800 and cfg.backbone == BASE and cfg.weights is None else []
+    return measure(split, [cfg.backbone, *larger], device=cfg.device, weights=cfg.weights,
+                   frozen_engine=cfg.frozen_engine)  # fmt: skip
 
 
 def options_auto_chooses(cfg) -> list[str]:
@@ -357,14 +357,7 @@ def preview(cfg, *, speed: Speed | None = None) -> dict:
     budget = Budget(parse_duration(cfg.budget))
     split = resolve_data(cfg.data, val=cfg.val, val_fraction=cfg.val_fraction, seed=cfg.seed)
     profile = DataProfile.of(split)
-    larger = [*LARGER] if budget.seconds >= 1800 and cfg.backbone == BASE and cfg.weights is None else []
-    speed = speed or measure(
-        split,
-        [cfg.backbone, *larger],
-        device=cfg.device,
-        weights=cfg.weights,
-        frozen_engine=cfg.frozen_engine,
-    )
+    speed = speed or measure_for(cfg, split, budget)
     everything = grid(profile, speed, cfg.backbone)
     candidates = affordable(everything, speed, profile, budget.left() * SAFETY)
     k = 3 if len(split.train) * 0.2 < 500 else 1
