@@ -84,6 +84,21 @@ def test_a_disagreeing_engine_falls_back_to_torch_or_fails_when_asked_for(tiny_s
               cache_dir=str(tmp_path / "c2"), **FAST)  # fmt: skip
 
 
+def test_a_damaged_engine_file_falls_back_and_goes(tiny_split, tmp_path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    train(tiny_split, output=tmp_path / "a", frozen_engine="onnxruntime", cache_dir=str(cache), **FAST)
+    (engine_file,) = (cache / "engines").glob("*.onnx")
+    engine_file.write_bytes(b"not a model")
+    for d in cache.iterdir():  # keep the engine, drop the rows: the next run must compute
+        if d.is_dir() and d.name != "engines":
+            shutil.rmtree(d)
+    r = train(tiny_split, output=tmp_path / "b", cache_dir=str(cache), **FAST)  # auto: exported before
+    assert r["frozen_engine"]["name"] == "torch" and "could not run" in r["frozen_engine"]["note"]
+    assert r["features_extracted"] == 34 and not engine_file.exists()
+
+
 def test_cached_prefix_maps_on_onnxruntime(tiny_split, tmp_path):
     opts = dict(FAST, strategy="finetune", cache_prefix=True, unfreeze=1, lr=0.05)
     kw = dict(cache_dir=str(tmp_path / "cache"), **opts)

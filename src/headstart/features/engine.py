@@ -156,12 +156,16 @@ def build_engine(
             session = ort_session(export_frozen(module, pp, key=key, folder=store))
         ours = session.run(None, {"image": first.numpy()})[0]
     except Exception as e:  # noqa: BLE001 - an export fails in many ways; each means "use PyTorch"
+        if store is not None:  # a damaged file would fail every run: the next one exports again
+            engine_path(key, store).unlink(missing_ok=True)
         why = f"{type(e).__name__}: {e}"
         raise EngineUnavailable(f"ONNX Runtime could not run the frozen part ({why})") from e
     ref = reference(first)
+    if ours.shape != ref.shape:
+        raise EngineUnavailable(f"ONNX Runtime gives shape {ours.shape}, PyTorch {ref.shape}")
     diff = float(np.abs(ours - ref).max()) if ref.size else 0.0
     scale = float(np.abs(ref).max()) if ref.size else 0.0
-    if ours.shape != ref.shape or diff > PARITY_RTOL * max(scale, 1.0):
+    if diff > PARITY_RTOL * max(scale, 1.0):
         raise EngineUnavailable(
             f"ONNX Runtime disagrees with PyTorch on the first {len(first)} images "
             f"(max difference {diff:.2e} at scale {scale:.2f}, allowed {PARITY_RTOL:.0e} of it)"
