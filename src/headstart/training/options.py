@@ -150,9 +150,9 @@ class TrainConfig:
         "auto",
         group=RUN,
         choices=("auto", "torch", "onnxruntime"),
-        help="what computes frozen features and cached prefix maps: auto (ONNX Runtime on a CPU for "
-        "1000+ images when installed and it matches PyTorch on the first batch, else PyTorch), "
-        "torch, onnxruntime",
+        help="what computes frozen features and cached prefix maps: auto (ONNX Runtime on a CPU "
+        "where installed, for 1000+ images or a frozen part exported before, if it matches PyTorch on "
+        "the first batch; else PyTorch), torch, onnxruntime",
     )
     cache_prefix: bool = option(
         False,
