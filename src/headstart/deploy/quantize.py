@@ -178,8 +178,7 @@ def quantize_int8(
     p_float = run_model(float_path, x_val)
     thresholds = {"min_agreement": min_agreement, "max_drop_points": max_drop}
     attempts: list[Attempt] = []
-    sidecar = output.with_name(output.name + ".json")
-    for stale in (output, sidecar):  # an int8 file of older weights must not outlive a refusal
+    for stale in (output, _sidecar(output)):  # an int8 file of older weights must not outlive a refusal
         stale.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".int8-") as tmp:
         pre = Path(tmp) / "pre.onnx"
@@ -220,9 +219,14 @@ def _keep(cand: Path, output: Path, float_path: Path, attempts: list[Attempt], x
     meta = read_onnx_metadata(float_path) | {"quantization": result.summary()}
     set_onnx_metadata(cand, meta)
     shutil.move(str(cand), output)
-    write_json(output.with_name(output.name + ".json"), meta)
+    write_json(_sidecar(output), meta)
     result.int8_bytes = output.stat().st_size
     return result
+
+
+def _sidecar(output: Path) -> Path:
+    """The JSON beside the int8 model that holds its metadata (model.int8.onnx.json)."""
+    return output.with_name(output.name + ".json")
 
 
 @dataclass

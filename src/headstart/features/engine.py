@@ -116,14 +116,12 @@ class FrozenEngine:
 
 def torch_runner(module: nn.Module, pp: Preprocess, device: torch.device, *, compile: bool = False):
     """The PyTorch fast path (BN folded, channels-last) on uint8 batches, normalised on the device."""
-    net = inference_model(module, device, compile=compile)
-    mean = torch.tensor(pp.mean, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(pp.std, device=device).view(1, 3, 1, 1) * 255.0
+    net = Normalized(inference_model(module, device, compile=compile), pp).to(device)
 
     @torch.inference_mode()
     def run(x: torch.Tensor) -> np.ndarray:
-        x = x.to(device, non_blocking=device.type == "cuda")
-        x = ((x.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+        # channels-last on the uint8 batch: the normalisation keeps the layout the fast path wants
+        x = x.to(device, non_blocking=device.type == "cuda").contiguous(memory_format=torch.channels_last)
         with autocast_for(device):
             return net(x).float().cpu().numpy()
 
