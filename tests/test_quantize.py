@@ -64,3 +64,26 @@ def test_cli_export_quantize(exported):
     assert "quantization" not in meta  # the float model's sidecar is the float model's
     r = run_cli("export", exported, "--format", "torchscript", "--quantize", "int8")
     assert r.returncode == 2 and "works with --format onnx" in r.stderr
+
+
+def test_every_fallback_is_tried_in_order_and_reported(exported, tmp_path):
+    import re
+
+    out = tmp_path / "m.int8.onnx"
+    with pytest.raises(QuantizationGateError) as e:  # a gate nothing can pass: every recipe runs
+        quantize_int8(exported, exported / "model.onnx", output=out, calibration_images=16,
+                      min_agreement=1.01)  # fmt: skip
+    lines = [x.strip() for x in str(e.value).splitlines() if "nodes in float" in x]
+    recipes = [x.split(":")[0] for x in lines]
+    assert recipes == [
+        "static int8 (convolutions)",
+        "static int8, first and last layers in float",
+        "static int8, ends and the first 10% of convolutions in float",
+        "static int8, ends and the 10% most drifting nodes in float",
+        "static int8, ends and the first 20% of convolutions in float",
+        "static int8, ends and the 20% most drifting nodes in float",
+        "dynamic int8 (weights only calibrated)",
+    ]
+    floats = [int(re.search(r"(\d+) nodes in float", x).group(1)) for x in lines]
+    assert floats[1] < floats[2] <= floats[4], "the front recipes keep more convolutions in float than 'ends'"
+    assert not out.exists()
