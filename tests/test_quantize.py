@@ -78,6 +78,7 @@ def test_every_fallback_is_tried_in_order_and_reported(exported, tmp_path):
     assert recipes == [
         "static int8 (convolutions)",
         "static int8, first and last layers in float",
+        "static int8, ends and the first 5% of convolutions in float",
         "static int8, ends and the first 10% of convolutions in float",
         "static int8, ends and the 10% most drifting nodes in float",
         "static int8, ends and the first 20% of convolutions in float",
@@ -85,5 +86,6 @@ def test_every_fallback_is_tried_in_order_and_reported(exported, tmp_path):
         "dynamic int8 (weights only calibrated)",
     ]
     floats = [int(re.search(r"(\d+) nodes in float", x).group(1)) for x in lines]
-    assert floats[1] < floats[2] <= floats[4], "the front recipes keep more convolutions in float than 'ends'"
+    front = [floats[2], floats[3], floats[5]]  # 5, 10 and 20 % of the convolutions beside 'ends'
+    assert floats[1] <= front[0] <= front[1] <= front[2] and floats[1] < front[2]
     assert not out.exists()
