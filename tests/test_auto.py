@@ -30,6 +30,7 @@ def speed(**kw) -> Speed:
         forward={"efficientnet_lite0": 100.0, TINY: 100.0},
         suffix_train={1: 400.0, 2: 200.0, 3: 100.0},
         image_train={1: 60.0, 2: 50.0, 3: 40.0},
+        full_train=25.0,
     )
     for k, v in kw.items():
         setattr(s, k, v)
@@ -49,6 +50,8 @@ def test_time_model_on_synthetic_speeds():
     )
     images = Candidate("i", "images", {"strategy": "finetune"}, REFERENCE, groups=2)
     assert seconds(images, sp, n=1000, m=200, epochs=2) == pytest.approx(3 + 2 * (1000 / 50 + 200 / 100))
+    full = Candidate("f", "images", {"strategy": "full"}, REFERENCE)  # every layer trains: 25 img/s
+    assert seconds(full, sp, n=1000, m=200, epochs=2) == pytest.approx(3 + 2 * (1000 / 25 + 200 / 100))
     slow_disk = speed(decode=25.0)  # decoding, not the model, is the bottleneck
     assert seconds(images, slow_disk, n=1000, m=200, epochs=2) == pytest.approx(
         3 + 2 * (1000 / 25 + 200 / 25)
@@ -109,7 +112,8 @@ def _fake_runner(clock: list[float], sp: Speed, seen: list, slow: float = 1.2):
 
     def run(cfg, *, split):
         seen.append(split)
-        kind = "prefix" if cfg.cache_prefix else "features" if cfg.strategy != "finetune" else "images"
+        images = cfg.strategy in ("finetune", "full")
+        kind = "prefix" if cfg.cache_prefix else "images" if images else "features"
         options = {"strategy": cfg.strategy, "feature_blocks": cfg.feature_blocks}
         c = Candidate("x", kind, options, cfg.image_size or REFERENCE, cfg.backbone,
                       groups=cfg.unfreeze if cfg.strategy == "finetune" else 0)  # fmt: skip
@@ -206,3 +210,12 @@ def test_recipe_options_that_auto_chooses_itself_are_named(tmp_path, caplog):
     with pytest.raises(headstart.DataError), caplog.at_level("WARNING", logger="headstart"):
         search.choose(cfg, run=None, speed=speed())  # an empty folder fails after the warning
     assert "auto chooses epochs, unfreeze itself" in caplog.text and "--strategy extract" in caplog.text
+
+
+def test_full_fine_tuning_is_a_candidate_where_its_speed_was_measured():
+    photos = DataProfile(num_train=1000, num_val=200, classes=5, smallest_class=200, short_side=500)
+    full = [c for c in grid(photos, speed()) if c.options["strategy"] == "full"]
+    assert [(c.name, c.kind, c.options) for c in full] == [
+        ("full fine-tuning, augmented, 224px", "images", {"strategy": "full", "image_size": 224})
+    ]
+    assert not [c for c in grid(photos, speed(full_train=0.0)) if c.options["strategy"] == "full"]

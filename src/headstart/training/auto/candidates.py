@@ -3,7 +3,7 @@
 Three kinds, by what the epochs read:
   features  the frozen backbone runs once per image (cached); a head or a linear probe trains on it
   prefix    the frozen first blocks run once per image (cached maps); the last 1-3 groups train
-  images    images decoded and augmented every epoch; the last groups (or all) train
+  images    images decoded and augmented every epoch; the last 2 groups, or every layer, train
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Candidate:
     options: dict
     size: int
     backbone: str = BASE
-    groups: int = 0  # trainable block groups (prefix, images)
+    groups: int = 0  # trainable block groups (prefix, images; 0 with strategy full: every layer)
     scores: list[dict] = field(default_factory=list)  # one entry per search stage it ran in
 
     @property
@@ -70,6 +70,9 @@ def grid(profile: DataProfile, speed: Speed, backbone: str = BASE) -> list[Candi
     c.append(
         Candidate(f"finetune 2 groups, augmented, {big}px", "images", augmented, big, backbone, groups=2)
     )
+    if speed.full_train:  # every layer trains, the backbone at the default 0.1 x the head's lr
+        options = {"strategy": "full", "image_size": big}
+        c.append(Candidate(f"full fine-tuning, augmented, {big}px", "images", options, big, backbone))
     for name, size in LARGER.items():  # measured only when the budget allows them
         if name in speed.forward and name != backbone:
             options = {"strategy": "extract", "backbone": name}
@@ -111,5 +114,6 @@ def seconds(c: Candidate, speed: Speed, *, n: int, m: int, epochs: int, cached: 
     if c.kind == "prefix":
         train = speed.suffix_train[c.groups] / px
         return RUN_OVERHEAD + factor * (extract + epochs * (n / train + m / (3 * train)))
-    train = min(speed.image_train[c.groups] / px, speed.decode)
+    rate = speed.full_train if c.options.get("strategy") == "full" else speed.image_train[c.groups]
+    train = min(rate / px, speed.decode)
     return RUN_OVERHEAD + factor * epochs * (n / train + m / min(forward, speed.decode))

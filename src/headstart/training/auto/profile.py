@@ -22,7 +22,7 @@ from headstart.features.engine import ORT, choose_engine, export_frozen, ort_ses
 from headstart.features.prefix import split_model
 from headstart.models.backbones import create_backbone
 from headstart.models.fastpath import inference_model
-from headstart.models.freezing import unfreeze_last
+from headstart.models.freezing import train_everything, unfreeze_last
 from headstart.models.heads import HeadSpec
 from headstart.models.transfer import TransferModel
 
@@ -71,6 +71,7 @@ class Speed:
     forward: dict[str, float] = field(default_factory=dict)  # backbone -> inference img/s
     suffix_train: dict[int, float] = field(default_factory=dict)  # unfrozen groups -> img/s on cached maps
     image_train: dict[int, float] = field(default_factory=dict)  # unfrozen groups -> img/s on images
+    full_train: float = 0.0  # img/s on images with every layer training (0: not measured)
     # actual / predicted seconds of the first pilot of each kind: what micro-benchmarks miss (loader
     # processes competing with the model for 2 cores, say), applied to every later prediction
     correction: dict[str, float] = field(default_factory=dict)
@@ -117,6 +118,7 @@ def measure(
         speed.suffix_train[g], speed.image_train[g] = _train_rates(
             backbones[0], g, x, dev, min_seconds, weights
         )
+    speed.full_train = _train_rates(backbones[0], None, x, dev, min_seconds, weights)[1]
     if choose_engine(frozen_engine, dev, len(split.train) + len(split.val)).name == ORT:
         _engine_rates(speed, backbones, min_seconds)
     speed.seconds = time.perf_counter() - t0
@@ -128,7 +130,7 @@ def measure(
         + ", ".join(f"{g} groups {v:.0f}" for g, v in speed.suffix_train.items())
         + " img/s; on images "
         + ", ".join(f"{g} groups {v:.0f}" for g, v in speed.image_train.items())
-        + f" img/s (at {REFERENCE} px)"
+        + f", all layers {speed.full_train:.0f} img/s (at {REFERENCE} px)"
         + (
             f"; frozen work on ONNX Runtime {speed.engine_forward[backbones[0]]:.0f} img/s, "
             f"export {speed.export_seconds:.1f}s"
@@ -180,18 +182,24 @@ def _decode_rate(split: DataSplit, workers: int, n: int = 24) -> float:
 
 
 def _train_rates(
-    backbone: str, groups: int, x: torch.Tensor, dev: torch.device, min_seconds: float, weights: str | None
-):
+    backbone: str,
+    groups: int | None,
+    x: torch.Tensor,
+    dev: torch.device,
+    min_seconds: float,
+    weights: str | None,
+) -> tuple[float, float]:
     """Training img/s with `groups` unfrozen: on cached prefix maps, and on whole images (a weights
-    file, where the run names one, builds the architecture it fits)."""
+    file, where the run names one, builds the architecture it fits). groups None: every layer
+    trains, on images only (the first rate is then 0)."""
     w = "none" if weights is None or weights.lower() == "none" else weights
     model = TransferModel.build(create_backbone(backbone, weights=w), HeadSpec(), ["a", "b"])
-    unfreeze_last(model, groups)
+    if groups is None:
+        train_everything(model)
+    else:
+        unfreeze_last(model, groups)
     model.to(dev, memory_format=torch.channels_last).train()
     y = torch.randint(0, 2, (len(x),), device=dev)
-    sp = split_model(model, input_size=REFERENCE)
-    with torch.no_grad():  # maps the training step may read (inference tensors it could not)
-        maps = sp.prefix.layers(x)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
@@ -202,6 +210,11 @@ def _train_rates(
         loss.backward()
         opt.step()
 
-    suffix = images_per_second(lambda: step(sp.suffix, maps), len(x), min_seconds=min_seconds, device=dev)
+    suffix = 0.0
+    if groups is not None:
+        sp = split_model(model, input_size=REFERENCE)
+        with torch.no_grad():  # maps the training step may read (inference tensors it could not)
+            maps = sp.prefix.layers(x)
+        suffix = images_per_second(lambda: step(sp.suffix, maps), len(x), min_seconds=min_seconds, device=dev)
     whole = images_per_second(lambda: step(model, x), len(x), min_seconds=min_seconds, device=dev)
     return suffix, whole
