@@ -219,3 +219,17 @@ def test_full_fine_tuning_is_a_candidate_where_its_speed_was_measured():
         ("full fine-tuning, augmented, 224px", "images", {"strategy": "full", "image_size": 224})
     ]
     assert not [c for c in grid(photos, speed(full_train=0.0)) if c.options["strategy"] == "full"]
+
+
+def test_the_costliest_recipes_are_measured_for_long_budgets_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        search, "measure", lambda split, backbones, **kw: calls.append((backbones, kw["full"]))
+    )
+    cfg = TrainConfig(data="d", strategy="auto")
+    for seconds_ in (600, search.LONG_BUDGET):
+        search.measure_for(cfg, None, Budget(seconds_, lambda: 0.0))
+    assert calls == [
+        (["efficientnet_lite0"], False),
+        (["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"], True),
+    ]

@@ -94,12 +94,14 @@ def measure(
     *,
     device: str = "auto",
     groups=(1, 2, 3),
+    full: bool = True,
     min_seconds: float = 0.6,
     weights: str | None = None,
     frozen_engine: str = "auto",
 ) -> Speed:
     """Time decoding real images and the backbone's forward and training steps (random weights:
-    speed does not depend on their values), and the frozen engine large extractions will use."""
+    speed does not depend on their values), and the frozen engine large extractions will use.
+    `full`: also every layer training (what prices full fine-tuning)."""
     t0 = time.perf_counter()
     dev = pick_device(device)
     threads = configure_threads()
@@ -118,7 +120,8 @@ def measure(
         speed.suffix_train[g], speed.image_train[g] = _train_rates(
             backbones[0], g, x, dev, min_seconds, weights
         )
-    speed.full_train = _train_rates(backbones[0], None, x, dev, min_seconds, weights)[1]
+    if full:
+        speed.full_train = _train_rates(backbones[0], None, x, dev, min_seconds, weights)[1]
     if choose_engine(frozen_engine, dev, len(split.train) + len(split.val)).name == ORT:
         _engine_rates(speed, backbones, min_seconds)
     speed.seconds = time.perf_counter() - t0

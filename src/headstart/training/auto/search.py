@@ -30,6 +30,9 @@ from headstart.training.auto.profile import DataProfile, Speed, measure
 SEARCH_SHARE = 0.45  # of the budget left after measuring: pilots and the second stage together
 SAFETY = 0.9  # plan to 90 % of the budget: predictions are estimates
 FINAL_EPOCHS = {"prefix": (2, 10), "images": (2, 10)}  # (fewest, most) epochs of the final run
+# budgets from which the costliest recipes join: lite1/lite2 and full fine-tuning (measured on the
+# ant/bee photos: its pilot alone took 36 s of a 10-minute default run, and it scored lowest)
+LONG_BUDGET = 1800
 
 
 @dataclass
@@ -93,11 +96,12 @@ def choose(
 
 
 def measure_for(cfg, split: DataSplit, budget: Budget) -> Speed:
-    """This machine's speeds for the run's backbone (and, where the budget allows, the other
-    embedded backbones tried beside the default one) and frozen engine."""
-    larger = [*LARGER] if budget.seconds >= 1800 and cfg.backbone == BASE and cfg.weights is None else []
+    """This machine's speeds for the run's backbone and frozen engine; where the budget allows
+    (LONG_BUDGET), also for the costliest candidates: the other embedded backbones, full fine-tuning."""
+    long = budget.seconds >= LONG_BUDGET
+    larger = [*LARGER] if long and cfg.backbone == BASE and cfg.weights is None else []
     return measure(split, [cfg.backbone, *larger], device=cfg.device, weights=cfg.weights,
-                   frozen_engine=cfg.frozen_engine)  # fmt: skip
+                   frozen_engine=cfg.frozen_engine, full=long)  # fmt: skip
 
 
 def options_auto_chooses(cfg) -> list[str]:
