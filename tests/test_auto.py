@@ -192,12 +192,14 @@ def test_auto_trains_the_chosen_recipe_and_the_plan_survives_resume(tiny_split, 
     plan = json.loads((out / "plan.json").read_text())
     options = json.loads((out / "config.json").read_text())["options"]
     assert options["strategy"] != "auto" and options["strategy"] == plan["final"]["options"]["strategy"]
+    assert options["keep_epoch"] == "last"  # the final run's epoch is not chosen on the validation split
     assert plan["stages"] and plan["chosen"] and plan["budget_seconds"] == 180
     if crashed:  # the chosen recipe trains several epochs: resume it
         monkeypatch.undo()
         r = headstart.resume(out)
     assert r.results.plan["chosen"] == plan["chosen"] and r.results.plan["stages"] == plan["stages"]
     assert r.results.plan["final"]["actual_seconds"] > 0 and r.results.frozen_tensors_changed == 0
+    assert r.results.best_epoch == r.results.epochs_run
     assert json.loads((out / "status.json").read_text())["state"] == "finished"
 
 

@@ -118,6 +118,32 @@ def test_early_stopping(tiny_split, tmp_path):
     assert r["epochs_run"] == r["best_epoch"] + 2 < 40
 
 
+def test_keep_epoch_last_chooses_nothing_on_the_validation_split(tiny_split, tmp_path):
+    """Validation labels swapped, so val accuracy falls as training goes on: 'best' keeps an early
+    epoch, 'last' keeps the last one and reports its accuracy."""
+    swapped = tmp_path / "swapped"
+    (tiny_split / "val" / "red").rename(tmp_path / "tmp")
+    (tiny_split / "val" / "green").rename(tiny_split / "val" / "red")
+    (tmp_path / "tmp").rename(tiny_split / "val" / "green")
+    (tiny_split / "val").rename(swapped)
+    opts = {**FAST, "epochs": 6}
+    best = headstart.train(tiny_split / "train", val=swapped, output=tmp_path / "best", **opts)
+    last = headstart.train(
+        tiny_split / "train", val=swapped, output=tmp_path / "last", keep_epoch="last", **opts
+    )
+    assert best["best_epoch"] < 6 and best["val_accuracy"] > last["val_accuracy"]
+    assert last["best_epoch"] == 6 and last["val_accuracy"] == last.metrics[-1]["val_acc"]
+    files = sorted(str(p) for p in swapped.rglob("*.png"))
+    truth = [f.split("/")[-2] for f in files]
+    hits = [
+        p.label == t for p, t in zip(headstart.load(tmp_path / "last").predict(files), truth, strict=True)
+    ]
+    assert np.mean(hits) == pytest.approx(last["val_accuracy"])  # the saved model is the last epoch
+    with pytest.raises(ConfigError, match="--keep-epoch last"):
+        headstart.train(tiny_split / "train", val=swapped, output=tmp_path / "x", keep_epoch="last",
+                        patience=2, **opts)  # fmt: skip
+
+
 def test_refuses_to_overwrite_and_bad_options(tiny_split, tmp_path):
     headstart.train(tiny_split, output=tmp_path / "r", **{**FAST, "epochs": 1})
     with pytest.raises(ConfigError, match="--overwrite"):

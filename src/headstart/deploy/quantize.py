@@ -239,7 +239,7 @@ class _Recipe:
     name: str
     keep_float: str = "none"  # none | ends | front | drift
     dynamic: bool = False
-    share: float = 0.0  # of the most drifting nodes kept in float
+    share: float = 0.0  # of the nodes (drift) or of the convolutions (front) kept in float
 
     def build(self, graph: _Graph, out: Path) -> int:
         """Write the quantized model; returns how many nodes stay in float."""

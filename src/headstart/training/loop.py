@@ -120,10 +120,10 @@ def train_epoch(net: nn.Module, loader, state: LoopState, epoch: int, totals: di
         budgeted = run.deadline is not None and state.best["epoch"] > 0
         if stop and not budgeted:
             raise interrupted(stop.signal, run, epoch, totals["batches"], per_epoch)
-        # under a budget (auto) Ctrl-C ends training like the deadline does: the best epoch is the model
+        # under a budget (auto) Ctrl-C ends training like the deadline does: the kept epoch is the model
         if budgeted and (stop or time.monotonic() > run.deadline):
             why = f"{stop.signal} received" if stop else "the time is up"
-            logs.info(f"budget: {why} in epoch {epoch}; the best epoch ({state.best['epoch']}) is the model")
+            logs.info(f"budget: {why} in epoch {epoch}; the kept epoch ({state.best['epoch']}) is the model")
             raise OutOfTime
     return epoch_result(totals, run)
 
@@ -150,8 +150,10 @@ class LoopState:
         self.best = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None}
 
     def keep_best(self, epoch: int, va: dict) -> bool:
-        """Keep the trained tensors if this epoch beats the best (val accuracy, then loss)."""
-        if (va["acc"], -va["loss"]) <= (self.best["val_acc"], -self.best["val_loss"]):
+        """Keep the trained tensors if this epoch beats the best (val accuracy, then loss), or
+        every epoch's with --keep-epoch last (the model is then chosen without the validation split)."""
+        last = self.run.cfg.keep_epoch == "last"
+        if not last and (va["acc"], -va["loss"]) <= (self.best["val_acc"], -self.best["val_loss"]):
             return False
         self.best.update(
             val_acc=va["acc"], val_loss=va["loss"], epoch=epoch, state=trainable_state(self.run.model)
@@ -179,7 +181,9 @@ class LoopState:
         if stop_early:
             logs.info(f"early stop: no val improvement for {cfg.patience} epochs")
         elif run.out_of_time:
-            logs.info(f"budget: stopping after epoch {epoch}; the best epoch ({self.best['epoch']}) is kept")
+            logs.info(
+                f"budget: stopping after epoch {epoch}; the kept epoch ({self.best['epoch']}) is the model"
+            )
         return stop_early or run.out_of_time
 
     def save(self, epoch: int, totals: dict | None) -> None:

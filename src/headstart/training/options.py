@@ -108,6 +108,13 @@ class TrainConfig:
     patience: int | None = option(
         None, group=OPT, min=1, help="early stop after this many epochs without val improvement"
     )
+    keep_epoch: str = option(
+        "best",
+        group=OPT,
+        choices=("best", "last"),
+        help="the model: the epoch with the best val accuracy (that number is then a little optimistic), "
+        "or the last epoch (nothing is chosen on the validation split; auto's final run)",
+    )
     budget: str = option(
         "10m",
         group=OPT,
@@ -260,6 +267,11 @@ def _cross_checks(c: TrainConfig) -> None:
         )
     if c.strategy == "linear-probe" and HeadSpec.parse(c.head).kind != "linear":
         raise ConfigError(f"--strategy linear-probe fits a linear head; received --head {c.head}.")
+    if c.keep_epoch == "last" and c.patience:
+        raise ConfigError(
+            f"--patience {c.patience} stops when the validation accuracy stops improving, a choice made "
+            "on the validation split; --keep-epoch last promises none. Drop one of the two."
+        )
     if c.cache_prefix and c.feature_blocks > 1:
         raise ConfigError(
             f"--cache-prefix trains on the last block's pooled features only; --feature-blocks "

@@ -133,7 +133,8 @@ def measure(
         + ", ".join(f"{g} groups {v:.0f}" for g, v in speed.suffix_train.items())
         + " img/s; on images "
         + ", ".join(f"{g} groups {v:.0f}" for g, v in speed.image_train.items())
-        + f", all layers {speed.full_train:.0f} img/s (at {REFERENCE} px)"
+        + (f", all layers {speed.full_train:.0f}" if speed.full_train else "")
+        + f" img/s (at {REFERENCE} px)"
         + (
             f"; frozen work on ONNX Runtime {speed.engine_forward[backbones[0]]:.0f} img/s, "
             f"export {speed.export_seconds:.1f}s"

@@ -337,7 +337,12 @@ def final_config(cfg, c: Candidate, speed: Speed, split: DataSplit, budget: Budg
     epochs = lo
     while epochs < hi and cost(n, epochs + 1) <= left:
         epochs += 1
-    options = {**c.options, "epochs": c.epochs(epochs) if c.kind != "features" else None}
+    # the last epoch is the model: picking the best on the validation split would be a choice made there
+    options = {
+        **c.options,
+        "epochs": c.epochs(epochs) if c.kind != "features" else None,
+        "keep_epoch": "last",
+    }
     final = cfg.with_overrides({**options, "strategy": c.options["strategy"]})
     return _Final(final, options, cost(n, epochs), n)
 
