@@ -207,6 +207,8 @@ def test_recipe_options_that_auto_chooses_itself_are_named(tmp_path, caplog):
     """`headstart train DATA --epochs 20` (auto by default) says that 20 is not used, and how to use it."""
     cfg = TrainConfig(data=str(tmp_path), strategy="auto", epochs=20, unfreeze=3).resolved()
     assert search.options_auto_chooses(cfg) == ["epochs", "unfreeze"]
+    stops = TrainConfig(data=str(tmp_path), strategy="auto", patience=3).resolved()
+    assert search.options_auto_chooses(stops) == ["patience"]  # the final run keeps its last epoch
     plain = TrainConfig(data=str(tmp_path), strategy="auto", label_smoothing=0.1).resolved()
     assert search.options_auto_chooses(plain) == []  # training options auto does not search are kept
     with pytest.raises(headstart.DataError), caplog.at_level("WARNING", logger="headstart"):
