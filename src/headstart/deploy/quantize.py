@@ -264,15 +264,13 @@ def _recipes(fallbacks: bool) -> list[_Recipe]:
              for s in FRONT_SHARES]  # fmt: skip
     drift = [_Recipe(f"static int8, ends and the {s:.0%} most drifting nodes in float", "drift", share=s)
              for s in DRIFT_SHARES]  # fmt: skip
-    # roughly by how much stays in float, so the fastest model that passes is the one kept
+    # roughly by how much stays in float, so the fastest model that passes is the one kept: by
+    # share, and at equal shares the front (a few convolutions) before the drift (any nodes)
+    ladder = sorted(front + drift, key=lambda r: (r.share, r.keep_float == "drift"))
     return [
         first,
         _Recipe("static int8, first and last layers in float", keep_float="ends"),
-        front[0],
-        front[1],
-        drift[0],
-        front[2],
-        drift[1],
+        *ladder,
         _Recipe("dynamic int8 (weights only calibrated)", dynamic=True),
     ]
 
@@ -311,9 +309,9 @@ class _Graph:
         # after the last convolution: pooling, head, softmax and the OOD distance. Cheap next to
         # the convolutions, and the distance's large matmul must stay exact
         self.tail = [n.name for n in self.nodes[convs[-1] + 1 :]] if convs else [n.name for n in self.nodes]
-        # the first convolution, the last one and the tail after it
-        self.ends = ([self.nodes[convs[0]].name, self.nodes[convs[-1]].name] if convs else []) + self.tail
         self.convs = [self.nodes[i].name for i in convs]
+        # the first convolution, the last one and the tail after it
+        self.ends = ([self.convs[0], self.convs[-1]] if convs else []) + self.tail
         self._ranking: list[str] | None = None
 
     def front(self, share: float) -> list[str]:
