@@ -77,15 +77,16 @@ def test_every_fallback_is_tried_in_order_and_reported(exported, tmp_path):
     recipes = [x.split(":")[0] for x in lines]
     assert recipes == [
         "static int8 (convolutions)",
+        "static int8, the first 5% of convolutions in float",
+        "static int8, the first 10% of convolutions in float",
+        "static int8, the first 20% of convolutions in float",
         "static int8, first and last layers in float",
-        "static int8, ends and the first 5% of convolutions in float",
-        "static int8, ends and the first 10% of convolutions in float",
         "static int8, ends and the 10% most drifting nodes in float",
-        "static int8, ends and the first 20% of convolutions in float",
         "static int8, ends and the 20% most drifting nodes in float",
         "dynamic int8 (weights only calibrated)",
     ]
     floats = [int(re.search(r"(\d+) nodes in float", x).group(1)) for x in lines]
-    front = [floats[2], floats[3], floats[5]]  # 5, 10 and 20 % of the convolutions beside 'ends'
-    assert floats[1] <= front[0] <= front[1] <= front[2] and floats[1] < front[2]
+    front, ends, drift = floats[1:4], floats[4], floats[5:7]
+    assert floats[0] < front[0] <= front[1] <= front[2] and front[0] < front[2]  # convs from the input on
+    assert floats[0] + 2 == ends < drift[0] <= drift[1]  # ends: the first and the last convolution
     assert not out.exists()

@@ -5,9 +5,10 @@ uint8 activations with MinMax ranges) of the convolutions, calibrated on images 
 training split; what follows the last convolution (pooling, head, the OOD distance) stays float. The gate
 compares the int8 model with the float one on the run's validation images: it must agree on
 >= `min_agreement` of top-1 predictions and lose <= `max_drop` accuracy points. Where it does not,
-the known fallbacks are tried in order, each reported: the first and last layers in float; also
-the convolutions nearest the input, or the nodes whose outputs drift most from the float model's
-(signal-to-quantization-noise ratio, ORT's qdq_loss_debug); dynamic quantization. If none passes,
+the known fallbacks are tried in order of the weights they keep in float, each reported: the
+convolutions nearest the input; the first and last layers; those and the nodes whose outputs drift
+most from the float model's (signal-to-quantization-noise ratio, ORT's qdq_loss_debug); dynamic
+quantization. If none passes,
 nothing is written (a stale int8 file of the run is removed) and the error gives every attempt's
 numbers.
 """
@@ -247,11 +248,11 @@ class _Recipe:
         if self.dynamic:
             q.quantize_dynamic(str(graph.pre), str(out), weight_type=q.QuantType.QInt8, per_channel=True)
             return 0
-        exclude = graph.ends if self.keep_float != "none" else graph.tail
+        exclude = graph.ends if self.keep_float in ("ends", "drift") else graph.tail
         if self.keep_float == "drift":
             exclude = exclude + graph.drifting(self.share, already=set(exclude))
-        elif self.keep_float == "front":
-            exclude = exclude + [n for n in graph.front(self.share) if n not in exclude]
+        elif self.keep_float == "front":  # the last convolution, the largest weights, stays int8
+            exclude = graph.front(self.share) + exclude
         _static(q, graph.pre, out, graph.calibration, exclude)
         return len(exclude)
 
@@ -260,17 +261,17 @@ def _recipes(fallbacks: bool) -> list[_Recipe]:
     first = _Recipe("static int8 (convolutions)")
     if not fallbacks:
         return [first]
-    front = [_Recipe(f"static int8, ends and the first {s:.0%} of convolutions in float", "front", share=s)
-             for s in FRONT_SHARES]  # fmt: skip
+    front = [_Recipe(f"static int8, the first {s:.0%} of convolutions in float", "front", share=s)
+             for s in sorted(FRONT_SHARES)]  # fmt: skip
     drift = [_Recipe(f"static int8, ends and the {s:.0%} most drifting nodes in float", "drift", share=s)
-             for s in DRIFT_SHARES]  # fmt: skip
-    # roughly by how much stays in float, so the fastest model that passes is the one kept: by
-    # share, and at equal shares the front (a few convolutions) before the drift (any nodes)
-    ladder = sorted(front + drift, key=lambda r: (r.share, r.keep_float == "drift"))
+             for s in sorted(DRIFT_SHARES)]  # fmt: skip
+    # by the weights kept in float, so the smallest file that passes is the one kept: the
+    # convolutions nearest the input are the smallest, the last one (in 'ends') is the largest
     return [
         first,
+        *front,
         _Recipe("static int8, first and last layers in float", keep_float="ends"),
-        *ladder,
+        *drift,
         _Recipe("dynamic int8 (weights only calibrated)", dynamic=True),
     ]
 
