@@ -237,3 +237,29 @@ def test_the_costliest_recipes_are_measured_for_long_budgets_only(monkeypatch):
         (["efficientnet_lite0"], False),
         (["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"], True),
     ]
+
+
+def test_a_short_budget_pilots_the_cheapest_recipes_and_says_which_it_left_out(tmp_path, caplog):
+    make_class_tree(tmp_path / "d" / "train", per_class=40)
+    make_class_tree(tmp_path / "d" / "val", per_class=10, seed=500)
+    clock, seen, sp = [0.0], [], speed()
+    cfg = TrainConfig(data=str(tmp_path / "d"), strategy="auto", budget="45s").resolved()
+    fake, configs = _fake_runner(clock, sp, seen), []
+
+    def run(cfg, *, split):
+        configs.append(cfg)
+        return fake(cfg, split=split)
+
+    with caplog.at_level("INFO", logger="headstart"):
+        plan = search.choose(cfg, run=run, clock=lambda: clock[0], speed=sp)
+    # the limit on broken files is the final run's, on all the data: a pilot's subset may hold more
+    assert configs and all(c.max_bad_fraction == 1.0 for c in configs)
+    left_out = plan.record["left_out_for_time"]
+    piloted = {c["name"] for c in plan.record["stages"][0]["candidates"]}
+    assert left_out and len(piloted) >= 2 and not piloted & set(left_out)
+    everything = {c.name: c for c in grid(DataProfile.of(resolve_data(cfg.data)), sp)}
+    assert piloted | set(left_out) == set(everything)
+    cost = lambda name: seconds(everything[name], sp, n=80, m=0, epochs=2)  # noqa: E731
+    assert min(map(cost, left_out)) >= max(map(cost, piloted))  # the costliest went first
+    assert "costliest candidates left out to fit the budget" in caplog.text
+    assert clock[0] + plan.record["final"]["predicted_seconds"] <= 45

@@ -71,6 +71,7 @@ def choose(
     if profile.smallest_class < 5 or len(candidates) == 1:  # too few images to split for honest choices
         winner = candidates[0]
         record["note"] = "no search: too few images per class for an inner split, or one candidate affordable"
+        logs.info(f"auto: {record['note']}")
     else:
         winner = halving(cfg, candidates, split, speed, budget, record, run)
     final = final_config(cfg, winner, speed, split, budget)
@@ -177,9 +178,19 @@ def halving(
     for name, stage_parts, epochs in plan:
         if name == "survivors" and len(alive) < 2:
             break
-        subs, cost = _fit_stage(alive, stage_parts, speed, epochs, 0.5 * search_budget, cfg.seed)
+        allowed = 0.5 * search_budget
+        if name == "pilots":
+            alive, subs, cost = _cheapest_that_fit(alive, stage_parts, speed, epochs, allowed, cfg.seed)
+        else:
+            subs, cost = _fit_stage(alive, stage_parts, speed, epochs, allowed, cfg.seed)
         if subs is None:
+            record["note"] = f"no {name}: not even two candidates fit in the search's share of the budget"
+            logs.info(f"auto: {record['note']}; give a longer --budget for a search")
             break
+        if dropped := [c.name for c in candidates if c not in alive and name == "pilots"]:
+            record["left_out_for_time"] = dropped
+            logs.info(f"auto: {len(dropped)} costliest candidates left out to fit the budget: "
+                      f"{', '.join(dropped)}")  # fmt: skip
         stage = {
             "name": name,
             "folds": len(subs),
@@ -216,6 +227,20 @@ def _mean(c: Candidate) -> tuple[float, float] | None:
     if not scores:
         return None
     return (-float(np.mean([s["accuracy"] for s in scores])), float(np.mean([s["loss"] for s in scores])))
+
+
+def _cheapest_that_fit(cands, parts: list[DataSplit], speed: Speed, epochs: int, seconds_allowed: float,
+                       seed: int):  # fmt: skip
+    """_fit_stage for the pilots; on a short budget without the costliest candidates, one at a
+    time, down to two: (the candidates that fit, their subsets, their predicted cost)."""
+    n = len(parts[0].train)
+    costliest = sorted(cands, key=lambda c: -seconds(c, speed, n=n, m=0, epochs=epochs))
+    subs, cost = _fit_stage(cands, parts, speed, epochs, seconds_allowed, seed)
+    while subs is None and len(cands) > 2:
+        cands = [c for c in cands if c is not costliest[0]]  # in the grid's order still
+        costliest = costliest[1:]
+        subs, cost = _fit_stage(cands, parts, speed, epochs, seconds_allowed, seed)
+    return cands, subs, cost
 
 
 def _fit_stage(cands, parts: list[DataSplit], speed: Speed, epochs: int, seconds_allowed: float, seed: int):
@@ -286,6 +311,9 @@ def pilot(
         "calibrate": False,
         "overwrite": True,
         "patience": None,
+        # the user's limit on broken files holds for the whole data, in the final run: a small
+        # subset can hold more than its share of them
+        "max_bad_fraction": 1.0,
     }
     t0 = clock()
     with tempfile.TemporaryDirectory(prefix="headstart-auto-") as tmp, _quiet():
