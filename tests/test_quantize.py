@@ -10,7 +10,8 @@ import pytest
 
 import headstart
 from headstart.deploy.export import export
-from headstart.deploy.quantize import QuantizationGateError, quantize_int8
+from headstart.deploy.quantize import Attempt, QuantizationGateError, compare, quantize_int8
+from headstart.inference.uncertainty import ConformalSets, conformal_quantile
 
 from conftest import TINY, make_class_tree, run_cli
 
@@ -27,6 +28,7 @@ def exported(tmp_path_factory) -> Path:
     out = root / "run"
     headstart.train(str(root / "data"), strategy="extract", output=str(out), backbone=TINY, weights="none",
                     epochs=20, lr=0.05, batch_size=8, num_workers=0)  # fmt: skip
+    headstart.calibrate(out, num_workers=0)  # prediction sets and rejection: the gate checks those too
     export(out, format="onnx")
     return out
 
@@ -39,6 +41,12 @@ def test_a_normal_calibration_passes_the_gate_and_predicts_like_float(exported):
     gate = read_onnx_metadata(r.path)["quantization"]["gate"]
     assert json.loads((exported / "model.int8.onnx.json").read_text())["quantization"]["gate"] == gate
     assert gate["passed"] and gate["agreement"] >= 0.99 and gate["drop_points"] <= 0.5
+    assert 0 < gate["set_agreement"] <= 1 and 0 < gate["reject_agreement"] <= 1  # reported
+    # the int8 model carries its own rejection threshold, fitted on its scores of the validation images
+    float_meta, int8_meta = read_onnx_metadata(exported / "model.onnx"), read_onnx_metadata(r.path)
+    assert int8_meta["ood"]["accept"] == float_meta["ood"]["accept"]
+    assert int8_meta["ood"]["calibration_images"] == 24
+    assert int8_meta["conformal"]["coverage"] == float_meta["conformal"]["coverage"]
     assert r.attempts[-1].passed and r.int8_bytes < r.float_bytes and r.int8_img_s > 0
     val = sorted(str(p) for p in (exported.parent / "data" / "val").rglob("*.png"))
     f = [p.labels[0] for p in load_onnx(exported / "model.onnx").predict(val, num_workers=0)]
@@ -90,3 +98,65 @@ def test_every_fallback_is_tried_in_order_and_reported(exported, tmp_path):
     assert floats[0] < front[0] <= front[1] <= front[2] and front[0] < front[2]  # convs from the input on
     assert floats[0] + 2 == ends < drift[0] <= drift[1]  # ends: the first and the last convolution
     assert not out.exists()
+
+
+def test_sets_and_rejection_are_refitted_on_the_int8_outputs_and_compared():
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.integers(0, 3, n)
+    logits = rng.normal(size=(n, 3)) + 2.0 * np.eye(3)[y]
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    ood = rng.gamma(4.0, 10.0, n)
+    f_sets = ConformalSets.fit(p, y, coverage=0.9)
+    meta = {"conformal": f_sets.to_dict(), "ood": {"threshold": conformal_quantile(ood, 0.95), "accept": 0.95,
+            "calibration_images": n, "train_images": 50, "feature_dim": 8}}  # fmt: skip
+    # int8 scores 10 % higher everywhere: the float threshold would now reject about twice as many
+    # images, the refitted one keeps every decision
+    numbers, refit = compare((p, ood), (p, 1.1 * ood), y, meta)
+    assert numbers["reject_agreement"] == 1.0 and numbers["set_agreement"] == 1.0
+    assert (1.1 * ood > meta["ood"]["threshold"]).mean() > 0.08
+    assert refit["ood"]["threshold"] == pytest.approx(1.1 * conformal_quantile(ood, 0.95))
+    assert refit["ood"]["calibration_images"] == n and refit["conformal"]["coverage"] == 0.9
+    # int8 noise moves images across the thresholds: reported, while the gate is top-1 and accuracy
+    noisy_p = p * np.exp(rng.normal(scale=0.3, size=p.shape))
+    noisy_p /= noisy_p.sum(1, keepdims=True)
+    numbers, _ = compare((p, ood), (noisy_p, ood * rng.uniform(0.8, 1.2, n)), y, meta)
+    assert numbers["set_agreement"] < 0.99 and numbers["reject_agreement"] < 0.99
+    a = Attempt("r", **numbers, excluded_nodes=0, seconds=0.0)
+    assert a.judge(min(1.0, numbers["agreement"]), 100.0) and not a.judge(numbers["agreement"] + 1e-9, 100.0)
+    assert f"same sets {numbers['set_agreement']:.2%}" in a.describe()
+    plain, refit = compare((p, None), (noisy_p, None), y, {})  # uncalibrated: top-1 and accuracy only
+    assert set(plain) == {"agreement", "float_accuracy", "int8_accuracy"} and refit == {}
+
+
+def test_large_matrices_after_the_last_convolution_are_stored_as_float16(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from headstart.deploy.quantize import _half_tail_matrices
+    from headstart.inference.onnx import onnx_session
+
+    rng = np.random.default_rng(0)
+    w_tail = rng.normal(size=(600, 600)).astype(np.float32)  # 1.44 MB, read only by the tail
+    w_body = rng.normal(size=(600, 600)).astype(np.float32)  # as large, but read before the tail
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w_body"], ["h"], name="body"),
+            helper.make_node("MatMul", ["h", "w_tail"], ["y"], name="tail"),
+        ],  # fmt: skip
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 600])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 600])],
+        [numpy_helper.from_array(w_body, "w_body"), numpy_helper.from_array(w_tail, "w_tail")],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = rng.normal(size=(1, 600)).astype(np.float32)
+    before = onnx_session(path).run(None, {"x": x})[0]
+    size = path.stat().st_size
+    _half_tail_matrices(path, {"tail"})
+    kinds = {t.name: t.data_type for t in onnx.load(str(path)).graph.initializer}
+    assert kinds == {"w_body": TensorProto.FLOAT, "w_tail.fp16": TensorProto.FLOAT16}
+    assert path.stat().st_size < 0.8 * size
+    after = onnx_session(path).run(None, {"x": x})[0]
+    assert np.abs(after - before).max() <= 1e-3 * np.abs(before).max()

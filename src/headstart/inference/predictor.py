@@ -225,7 +225,7 @@ class Predictor:
                 pred.set = [self.classes[j] for j in order if in_set[n, j]]
             if ood is not None:
                 pred.ood_score = float(ood[n])
-                pred.unknown = reject and pred.ood_score > self.rejection.threshold
+                pred.unknown = reject and bool(self.rejection.unknown(pred.ood_score))
             out.append(pred)
         return out
 

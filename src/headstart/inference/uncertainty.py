@@ -166,6 +166,10 @@ class Rejection:
     score: str = "mahalanobis"
     file: str = OOD_FILE
 
+    def unknown(self, scores):
+        """True where an OOD score (a float or an array of them) says `unknown`."""
+        return scores > self.threshold
+
     def to_dict(self) -> dict:
         """model.json form."""
         return asdict(self) | {"threshold": min(self.threshold, 1e30)}
