@@ -242,7 +242,7 @@ def test_the_costliest_recipes_are_measured_for_long_budgets_only(monkeypatch):
 def test_a_short_budget_pilots_the_cheapest_recipes_and_says_which_it_left_out(tmp_path, caplog):
     make_class_tree(tmp_path / "d" / "train", per_class=40)
     make_class_tree(tmp_path / "d" / "val", per_class=10, seed=500)
-    clock, seen, sp = [0.0], [], speed()
+    clock, seen, sp = [0.0], [], speed(full_train=0.5)  # full fine-tuning cannot fit at all
     cfg = TrainConfig(data=str(tmp_path / "d"), strategy="auto", budget="45s").resolved()
     fake, configs = _fake_runner(clock, sp, seen), []
 
@@ -258,7 +258,8 @@ def test_a_short_budget_pilots_the_cheapest_recipes_and_says_which_it_left_out(t
     piloted = {c["name"] for c in plan.record["stages"][0]["candidates"]}
     assert left_out and len(piloted) >= 2 and not piloted & set(left_out)
     everything = {c.name: c for c in grid(DataProfile.of(resolve_data(cfg.data)), sp)}
-    assert piloted | set(left_out) == set(everything)
+    assert plan.record["unaffordable"] == ["full fine-tuning, augmented, 192px"]
+    assert piloted | set(left_out) | set(plan.record["unaffordable"]) == set(everything)
     cost = lambda name: seconds(everything[name], sp, n=80, m=0, epochs=2)  # noqa: E731
     assert min(map(cost, left_out)) >= max(map(cost, piloted))  # the costliest went first
     assert "costliest candidates left out to fit the budget" in caplog.text

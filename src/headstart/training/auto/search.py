@@ -67,7 +67,12 @@ def choose(
         "speed": speed.to_dict(),
         "stages": [],
     }
-    candidates = affordable(grid(profile, speed, cfg.backbone), speed, profile, budget.left() * SAFETY)
+    everything = grid(profile, speed, cfg.backbone)
+    candidates = affordable(everything, speed, profile, budget.left() * SAFETY)
+    if too_long := [c.name for c in everything if c not in candidates]:
+        record["unaffordable"] = too_long
+        logs.info(f"auto: {len(too_long)} candidates whose shortest final run would take over 55 % of the "
+                  f"budget left out: {', '.join(too_long)}")  # fmt: skip
     if profile.smallest_class < 5 or len(candidates) == 1:  # too few images to split for honest choices
         winner = candidates[0]
         record["note"] = "no search: too few images per class for an inner split, or one candidate affordable"
