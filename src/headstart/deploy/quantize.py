@@ -8,9 +8,10 @@ compares the int8 model with the float one on the run's validation images: it mu
 the known fallbacks are tried in order of the weights they keep in float, each reported: the
 convolutions nearest the input; the first and last layers; those and the nodes whose outputs drift
 most from the float model's (signal-to-quantization-noise ratio, ORT's qdq_loss_debug); dynamic
-quantization. If none passes,
-nothing is written (a stale int8 file of the run is removed) and the error gives every attempt's
-numbers.
+quantization. If none passes, nothing is written (a stale int8 file of the run is removed) and the
+error gives every attempt's numbers. A calibrated run's int8 model gets its own prediction-set and
+rejection thresholds, refitted on its outputs with the same targets; how many sets and
+unknown/accepted decisions stay the float model's is reported.
 """
 
 from __future__ import annotations
@@ -271,10 +272,8 @@ def _keep(
 ) -> QuantizeResult:
     """Measure, stamp the metadata (the int8 model's own set and rejection thresholds included) and
     move the passing model into place."""
-    result.float_img_s, result.int8_img_s = (
-        images_per_second(float_path, x_val),
-        images_per_second(cand, x_val),
-    )
+    result.float_img_s = images_per_second(float_path, x_val)
+    result.int8_img_s = images_per_second(cand, x_val)
     meta = meta | {"quantization": result.summary()}
     set_onnx_metadata(cand, meta)
     shutil.move(str(cand), result.path)

@@ -192,7 +192,7 @@ def halving(
             record["note"] = f"no {name}: not even two candidates fit in the search's share of the budget"
             logs.info(f"auto: {record['note']}; give a longer --budget for a search")
             break
-        if dropped := [c.name for c in candidates if c not in alive and name == "pilots"]:
+        if name == "pilots" and (dropped := [c.name for c in candidates if c not in alive]):
             record["left_out_for_time"] = dropped
             logs.info(f"auto: {len(dropped)} costliest candidates left out to fit the budget: "
                       f"{', '.join(dropped)}")  # fmt: skip
