@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 
 import headstart
+from headstart.data.transforms import Preprocess
 from headstart.deploy.export import export
-from headstart.deploy.quantize import Attempt, QuantizationGateError, compare, quantize_int8
+from headstart.deploy.quantize import (
+    Attempt,
+    QuantizationGateError,
+    compare,
+    load_batch,
+    quantize_int8,
+    run_outputs,
+)
+from headstart.inference.logits import split_items
 from headstart.inference.uncertainty import ConformalSets, conformal_quantile
 
 from conftest import TINY, make_class_tree, run_cli
@@ -46,6 +55,10 @@ def test_a_normal_calibration_passes_the_gate_and_predicts_like_float(exported):
     float_meta, int8_meta = read_onnx_metadata(exported / "model.onnx"), read_onnx_metadata(r.path)
     assert int8_meta["ood"]["accept"] == float_meta["ood"]["accept"]
     assert int8_meta["ood"]["calibration_images"] == 24
+    preprocess = Preprocess.from_dict(float_meta["preprocessing"])
+    scores = run_outputs(r.path, load_batch(split_items(exported, "val", 2000), preprocess)[0])[1]
+    accept = float_meta["ood"]["accept"]
+    assert int8_meta["ood"]["threshold"] == pytest.approx(conformal_quantile(scores, accept))
     assert int8_meta["conformal"]["coverage"] == float_meta["conformal"]["coverage"]
     assert r.attempts[-1].passed and r.int8_bytes < r.float_bytes and r.int8_img_s > 0
     val = sorted(str(p) for p in (exported.parent / "data" / "val").rglob("*.png"))
@@ -123,7 +136,7 @@ def test_sets_and_rejection_are_refitted_on_the_int8_outputs_and_compared():
     numbers, _ = compare((p, ood), (noisy_p, ood * rng.uniform(0.8, 1.2, n)), y, meta)
     assert numbers["set_agreement"] < 0.99 and numbers["reject_agreement"] < 0.99
     a = Attempt("r", **numbers, excluded_nodes=0, seconds=0.0)
-    assert a.judge(min(1.0, numbers["agreement"]), 100.0) and not a.judge(numbers["agreement"] + 1e-9, 100.0)
+    assert a.judge(numbers["agreement"], 100.0) and not a.judge(numbers["agreement"] + 1e-9, 100.0)
     assert f"same sets {numbers['set_agreement']:.2%}" in a.describe()
     plain, refit = compare((p, None), (noisy_p, None), y, {})  # uncalibrated: top-1 and accuracy only
     assert set(plain) == {"agreement", "float_accuracy", "int8_accuracy"} and refit == {}
