@@ -264,3 +264,21 @@ def test_a_short_budget_pilots_the_cheapest_recipes_and_says_which_it_left_out(t
     assert min(map(cost, left_out)) >= max(map(cost, piloted))  # the costliest went first
     assert "costliest candidates left out to fit the budget" in caplog.text
     assert clock[0] + plan.record["final"]["predicted_seconds"] <= 45
+
+
+@pytest.mark.parametrize("budget", ["45s", "10m"])
+def test_plan_previews_every_candidate_and_the_pilots_a_budget_allows(tmp_path, budget):
+    make_class_tree(tmp_path / "d" / "train", per_class=40)
+    make_class_tree(tmp_path / "d" / "val", per_class=10, seed=500)
+    sp = speed(full_train=0.05)  # full fine-tuning fits neither budget
+    cfg = TrainConfig(data=str(tmp_path / "d"), strategy="auto", budget=budget).resolved()
+    p = search.preview(cfg, speed=sp)
+    rows = {r["name"]: r for r in p["candidates"]}
+    assert set(rows) == {c.name for c in grid(DataProfile.of(resolve_data(cfg.data)), sp)}
+    assert not rows["full fine-tuning, augmented, 192px"]["affordable"]
+    piloted = [r for r in rows.values() if r["piloted"]]
+    assert all(r["pilot_seconds"] > 0 for r in piloted) and len(piloted) >= 2
+    assert all(r["pilot_seconds"] is None for r in rows.values() if not r["piloted"])
+    left_out = [r for r in rows.values() if r["affordable"] and not r["piloted"]]
+    assert bool(left_out) == (budget == "45s")  # the same candidates `train` would leave out
+    assert p["pilot_seconds"] <= 0.5 * search.SEARCH_SHARE * parse_duration(budget)

@@ -343,7 +343,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     print(f"{'candidate':<62}{'pilot s':>9}{'final epochs':>14}{'images':>8}{'final s':>9}")
     for r in p["candidates"]:
         pilot = f"{r['pilot_seconds']:.0f}" if r["pilot_seconds"] is not None else "-"
-        mark = "" if r["affordable"] else "  (over budget)"
+        mark = "" if r["piloted"] else "  (left out: short budget)" if r["affordable"] else "  (over budget)"
         print(
             f"{r['name'][:61]:<62}{pilot:>9}{r['final_epochs']:>14}{r['final_images']:>8}"
             f"{r['final_seconds']:>9.0f}{mark}"

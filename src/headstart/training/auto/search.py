@@ -407,15 +407,18 @@ def preview(cfg, *, speed: Speed | None = None) -> dict:
     k = 3 if len(split.train) * 0.2 < 500 else 1
     first = folds(split, cfg.seed, k)[0]
     share = search_share(speed, split, budget.seconds)
-    subs, cost = _fit_stage(candidates, [first], speed, 2, 0.5 * share * budget.left(), cfg.seed)
+    piloted, subs, cost = _cheapest_that_fit(
+        candidates, [first], speed, 2, 0.5 * share * budget.left(), cfg.seed
+    )
     rows = []
     for c in everything:
         final = final_config(cfg, c, speed, split, budget)
-        pilot_s = round(predict(c, speed, subs[0], 2), 1) if subs and c in candidates else None
+        pilot_s = round(predict(c, speed, subs[0], 2), 1) if subs and c in piloted else None
         rows.append(
             {
                 "name": c.name,
                 "affordable": c in candidates,
+                "piloted": c in piloted,  # a short budget pilots the cheaper ones only
                 "options": c.options,
                 "pilot_seconds": pilot_s,
                 "final_epochs": final.config.resolved().epochs,
