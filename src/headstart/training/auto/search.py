@@ -136,6 +136,11 @@ def inner_split(split: DataSplit, seed: int) -> DataSplit:
     return DataSplit(split.classes, train, val, "auto inner split of the training images", [], split.root)
 
 
+def fold_count(split: DataSplit) -> int:
+    """3 folds for small sets (one 20 % hold-out under 500 images is too noisy to rank on), else 1."""
+    return 3 if len(split.train) * 0.2 < 500 else 1
+
+
 def folds(split: DataSplit, seed: int, k: int) -> list[DataSplit]:
     """k stratified train/held-out partitions of the training images (k = 1: one 80/20 split)."""
     if k == 1:
@@ -174,7 +179,7 @@ def halving(
     """Stage 1: every candidate on a first held-out fold (on a subset of it where data is large);
     stage 2: the best third on more: the other folds where data is small (scores averaged over all
     folds), all inner images and more epochs where it is large."""
-    k = 3 if len(split.train) * 0.2 < 500 else 1  # small sets: one 20 % hold-out is too noisy to rank on
+    k = fold_count(split)
     parts = folds(split, cfg.seed, k)
     record["folds"] = k
     search_budget = search_share(speed, split, budget.seconds) * budget.left()
@@ -189,8 +194,13 @@ def halving(
         else:
             subs, cost = _fit_stage(alive, stage_parts, speed, epochs, allowed, cfg.seed)
         if subs is None:
-            record["note"] = f"no {name}: not even two candidates fit in the search's share of the budget"
-            logs.info(f"auto: {record['note']}; give a longer --budget for a search")
+            record["note"] = (
+                "no pilots: not even the two cheapest candidates fit in the search's share of the budget "
+                "(a longer --budget buys a search)"
+                if name == "pilots"
+                else "no second stage: it does not fit in the search's share of the budget; the pilots decide"
+            )
+            logs.info(f"auto: {record['note']}")
             break
         if name == "pilots" and (dropped := [c.name for c in candidates if c not in alive]):
             record["left_out_for_time"] = dropped
@@ -239,13 +249,13 @@ def _cheapest_that_fit(cands, parts: list[DataSplit], speed: Speed, epochs: int,
     """_fit_stage for the pilots; on a short budget without the costliest candidates, one at a
     time, down to two: (the candidates that fit, their subsets, their predicted cost)."""
     n = len(parts[0].train)
-    costliest = sorted(cands, key=lambda c: -seconds(c, speed, n=n, m=0, epochs=epochs))
-    subs, cost = _fit_stage(cands, parts, speed, epochs, seconds_allowed, seed)
-    while subs is None and len(cands) > 2:
-        cands = [c for c in cands if c is not costliest[0]]  # in the grid's order still
-        costliest = costliest[1:]
+    by_cost = sorted(cands, key=lambda c: seconds(c, speed, n=n, m=0, epochs=epochs))
+    while True:
         subs, cost = _fit_stage(cands, parts, speed, epochs, seconds_allowed, seed)
-    return cands, subs, cost
+        if subs is not None or len(cands) <= 2:
+            return cands, subs, cost
+        costliest = by_cost.pop()
+        cands = [c for c in cands if c is not costliest]  # in the grid's order still
 
 
 def _fit_stage(cands, parts: list[DataSplit], speed: Speed, epochs: int, seconds_allowed: float, seed: int):
@@ -404,7 +414,7 @@ def preview(cfg, *, speed: Speed | None = None) -> dict:
     speed = speed or measure_for(cfg, split, budget)
     everything = grid(profile, speed, cfg.backbone)
     candidates = affordable(everything, speed, profile, budget.left() * SAFETY)
-    k = 3 if len(split.train) * 0.2 < 500 else 1
+    k = fold_count(split)
     first = folds(split, cfg.seed, k)[0]
     share = search_share(speed, split, budget.seconds)
     piloted, subs, cost = _cheapest_that_fit(
