@@ -225,7 +225,7 @@ def test_full_fine_tuning_is_a_candidate_where_its_speed_was_measured():
     assert not [c for c in grid(photos, speed(full_train=0.0)) if c.options["strategy"] == "full"]
 
 
-def test_the_costliest_recipes_are_measured_for_long_budgets_only(monkeypatch):
+def test_lite1_is_measured_at_every_budget_lite2_and_full_for_long_budgets_only(monkeypatch):
     calls = []
     monkeypatch.setattr(
         search, "measure", lambda split, backbones, **kw: calls.append((backbones, kw["full"]))
@@ -233,10 +233,16 @@ def test_the_costliest_recipes_are_measured_for_long_budgets_only(monkeypatch):
     cfg = TrainConfig(data="d", strategy="auto")
     for seconds_ in (600, search.LONG_BUDGET):
         search.measure_for(cfg, None, Budget(seconds_, lambda: 0.0))
+    # lite1 at any budget (its features are cheap and beat lite0's on held-out ant/bee splits)
     assert calls == [
-        (["efficientnet_lite0"], False),
+        (["efficientnet_lite0", "efficientnet_lite1"], False),
         (["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"], True),
     ]
+    calls.clear()  # another backbone, or your own weights: only that one is measured
+    for other in (TrainConfig(data="d", strategy="auto", backbone="efficientnet_lite1"),
+                  TrainConfig(data="d", strategy="auto", weights="w.safetensors")):  # fmt: skip
+        search.measure_for(other, None, Budget(600, lambda: 0.0))
+    assert calls == [(["efficientnet_lite1"], False), (["efficientnet_lite0"], False)]
 
 
 def test_a_short_budget_pilots_the_cheapest_recipes_and_says_which_it_left_out(tmp_path, caplog):
