@@ -225,23 +225,49 @@ def test_full_fine_tuning_is_a_candidate_where_its_speed_was_measured():
     assert not [c for c in grid(photos, speed(full_train=0.0)) if c.options["strategy"] == "full"]
 
 
-def test_lite1_is_measured_at_every_budget_lite2_and_full_for_long_budgets_only(monkeypatch):
+def test_on_one_split_the_larger_second_stage_decides_not_the_pilots():
+    """What 5,000 CIFAR-10 images did: on 120 pilot images plain features led (0.645 vs 0.61), on
+    2,000 in the second stage the three-block features did (0.791 vs 0.766). The mean of both
+    stages picked the first."""
+    items = [(f"{i}.jpg", i % 10) for i in range(5000)]
+    split = DataSplit([str(c) for c in range(10)], items[:4000], items[4000:], "folders")
+    cands = [c for c in grid(DataProfile(4000, 1000, 10, 400, 32), speed()) if c.kind == "features"][:2]
+    table = {1: (0.645, 0.766), 3: (0.61, 0.791)}  # feature blocks -> (accuracy on the pilots, on more)
+
+    seen: list[int] = []
+
+    def run(cfg, split):
+        acc = table[cfg.feature_blocks][seen.count(cfg.feature_blocks)]
+        seen.append(cfg.feature_blocks)
+        return TrainResult("", RunResults(val_accuracy=acc, val_loss=1 - acc), [])
+
+    cfg = TrainConfig(data="d", strategy="auto", budget="10m").resolved()
+    budget, record = Budget(600, lambda: 0.0), {"stages": []}
+    winner = search.halving(cfg, cands, split, speed(decode=20.0), budget, record, run)
+    assert record["folds"] == 1 and [len(s["candidates"]) for s in record["stages"]] == [2, 2]
+    assert winner.name == "extract, 3 blocks"
+
+
+def test_lite1_is_measured_for_small_data_lite2_and_full_for_long_budgets_only(monkeypatch):
     calls = []
     monkeypatch.setattr(
         search, "measure", lambda split, backbones, **kw: calls.append((backbones, kw["full"]))
     )
     cfg = TrainConfig(data="d", strategy="auto")
-    for seconds_ in (600, search.LONG_BUDGET):
-        search.measure_for(cfg, None, Budget(seconds_, lambda: 0.0))
-    # lite1 at any budget (its features are cheap and beat lite0's on held-out ant/bee splits)
+    small, large = (DataSplit(["a"], [("x.jpg", 0)] * n, [("v.jpg", 0)], "folders") for n in (2000, 3000))
+    for split, seconds_ in ((small, 600), (large, 600), (large, search.LONG_BUDGET)):
+        search.measure_for(cfg, split, Budget(seconds_, lambda: 0.0))
+    # lite1 where the pilots see whole folds (its features are cheap and beat lite0's on held-out
+    # ant/bee splits); on large data only with the long budgets, like lite2
     assert calls == [
         (["efficientnet_lite0", "efficientnet_lite1"], False),
+        (["efficientnet_lite0"], False),
         (["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"], True),
     ]
     calls.clear()  # another backbone, or your own weights: only that one is measured
     for other in (TrainConfig(data="d", strategy="auto", backbone="efficientnet_lite1"),
                   TrainConfig(data="d", strategy="auto", weights="w.safetensors")):  # fmt: skip
-        search.measure_for(other, None, Budget(600, lambda: 0.0))
+        search.measure_for(other, small, Budget(600, lambda: 0.0))
     assert calls == [(["efficientnet_lite1"], False), (["efficientnet_lite0"], False)]
 
 

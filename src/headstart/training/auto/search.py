@@ -33,8 +33,10 @@ FINAL_EPOCHS = {"prefix": (2, 10), "images": (2, 10)}  # (fewest, most) epochs o
 # budgets from which the costliest recipes join: lite2 and full fine-tuning (measured on the ant/bee
 # photos: full fine-tuning's pilot alone took 36 s of a 10-minute default run, and it scored lowest)
 LONG_BUDGET = 1800
-# joins at any budget that affords it: features of lite1 beat lite0's by 1.2 points on five held-out
-# splits of the ant/bee train folder (0.965 vs 0.953; lite2 0.965 too, at twice lite1's extra time)
+# joins at any budget where the data is small (pilots on whole folds): features of lite1 beat
+# lite0's by 1.2 points on five held-out splits of the ant/bee train folder (0.965 vs 0.953; lite2
+# 0.965 too, at twice lite1's extra time). On large data one more pilot means fewer images for
+# every pilot (60 of 5,000 CIFAR-10 images at 10m), and the ranking suffered
 SHORT_BUDGET_LARGER = ("efficientnet_lite1",)
 
 
@@ -105,11 +107,12 @@ def choose(
 
 
 def measure_for(cfg, split: DataSplit, budget: Budget) -> Speed:
-    """This machine's speeds for the run's backbone and frozen engine, lite1 (where the run uses the
-    default backbone) and, where the budget allows (LONG_BUDGET), lite2 and full fine-tuning."""
+    """This machine's speeds for the run's backbone and frozen engine; for the other embedded
+    backbones where the run uses the default one (lite1 on small data, both where the budget
+    allows, LONG_BUDGET); and for full fine-tuning where the budget allows."""
     long = budget.seconds >= LONG_BUDGET
-    default = cfg.backbone == BASE and cfg.weights is None
-    larger = [*(LARGER if long else SHORT_BUDGET_LARGER)] if default else []
+    larger = [*LARGER] if long else [*SHORT_BUDGET_LARGER] if fold_count(split) > 1 else []
+    larger = larger if cfg.backbone == BASE and cfg.weights is None else []
     return measure(split, [cfg.backbone, *larger], device=cfg.device, weights=cfg.weights,
                    frozen_engine=cfg.frozen_engine, full=long)  # fmt: skip
 
@@ -182,7 +185,7 @@ def halving(
 ) -> Candidate:
     """Stage 1: every candidate on a first held-out fold (on a subset of it where data is large);
     stage 2: the best third on more: the other folds where data is small (scores averaged over all
-    folds), all inner images and more epochs where it is large."""
+    folds), all inner images and more epochs where it is large (ranked on those scores alone)."""
     k = fold_count(split)
     parts = folds(split, cfg.seed, k)
     record["folds"] = k
@@ -225,7 +228,10 @@ def halving(
                 stage["candidates"].append(pilot(cfg, c, sub, epochs, speed, run, budget.clock))
         stage["actual_seconds"] = round(budget.clock() - t0, 1)
         record["stages"].append(stage)
-        ranked = sorted((c for c in alive if _mean(c) is not None), key=lambda c: _mean(c))
+        # folds: every fold's score counts alike; one split: the second stage (more images and
+        # epochs) outranks the pilots, whose few images favour the fastest learners
+        last = len(subs) if k == 1 else None
+        ranked = sorted((c for c in alive if _mean(c, last) is not None), key=lambda c: _mean(c, last))
         alive = ranked[: max(2, len(ranked) // 3)] if name == "pilots" else ranked[:1]
         if not alive:
             break
@@ -240,9 +246,10 @@ def search_share(speed: Speed, split: DataSplit, budget_seconds: float) -> float
     return SEARCH_SHARE if once < 0.1 * budget_seconds else 0.3
 
 
-def _mean(c: Candidate) -> tuple[float, float] | None:
-    """Rank key from every held-out score so far: higher mean accuracy, then lower mean loss."""
-    scores = [s for s in c.scores if s.get("accuracy") is not None]
+def _mean(c: Candidate, last: int | None = None) -> tuple[float, float] | None:
+    """Rank key from the held-out scores so far (the `last` ones only, if given): higher mean
+    accuracy, then lower mean loss."""
+    scores = [s for s in c.scores[-last if last else 0 :] if s.get("accuracy") is not None]
     if not scores:
         return None
     return (-float(np.mean([s["accuracy"] for s in scores])), float(np.mean([s["loss"] for s in scores])))
