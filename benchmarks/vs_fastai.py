@@ -1,5 +1,5 @@
 """headstart `--strategy auto --budget B` against fastai's `fine_tune` on the same split, the same
-EfficientNet-Lite0 ImageNet weights and the same wall time, in one run.
+embedded EfficientNet-Lite ImageNet weights and the same wall time, in one run.
 
     pip install fastai                      # not a headstart dependency: this benchmark only
     python benchmarks/vs_fastai.py DATA --budget 5m [--output runs/vs-fastai]
@@ -7,10 +7,9 @@ EfficientNet-Lite0 ImageNet weights and the same wall time, in one run.
 DATA has train/ and val/ (or test/) class folders. headstart runs first, with a cold feature cache;
 its wall time T sets fastai's: `fine_tune(n)` (one frozen epoch, then n unfrozen ones, fastai's
 default recipe with its aug_transforms, on the embedded backbone and at the input size headstart
-chose) with the largest n
-whose predicted time, from a timed first epoch, fits in T; where that run takes under 0.9 T,
-fine_tune(n + 1) runs too, so fastai is also shown with more time than headstart had. Both are
-scored on the same validation images.
+chose) with the largest n whose predicted time, from a timed first epoch, fits in T; where that
+run takes under 0.9 T, fine_tune(n + 1) runs too, so fastai is also shown with more time than
+headstart had. Both are scored on the same validation images.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def grid(profile: DataProfile, speed: Speed, backbone: str = BASE) -> list[Candi
     if speed.full_train:  # every layer trains, the backbone at the default 0.1 x the head's lr
         options = {"strategy": "full", "image_size": big}
         c.append(Candidate(f"full fine-tuning, augmented, {big}px", "images", options, big, backbone))
-    for name, size in LARGER.items():  # measured where the run uses the default backbone
+    for name, size in LARGER.items():  # measured where auto considers them (search.measure_for)
         if name in speed.forward and name != backbone:
             options = {"strategy": "extract", "backbone": name}
             c.append(Candidate(f"extract {name}", "features", options, size, backbone=name))
