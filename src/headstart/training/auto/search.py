@@ -111,8 +111,9 @@ def measure_for(cfg, split: DataSplit, budget: Budget) -> Speed:
     backbones where the run uses the default one (lite1 on small data, both where the budget
     allows, LONG_BUDGET); and for full fine-tuning where the budget allows."""
     long = budget.seconds >= LONG_BUDGET
-    larger = [*LARGER] if long else [*SHORT_BUDGET_LARGER] if fold_count(split) > 1 else []
-    larger = larger if cfg.backbone == BASE and cfg.weights is None else []
+    larger: list[str] = []
+    if cfg.backbone == BASE and cfg.weights is None:
+        larger = [*LARGER] if long else [*SHORT_BUDGET_LARGER] if fold_count(split) > 1 else []
     return measure(split, [cfg.backbone, *larger], device=cfg.device, weights=cfg.weights,
                    frozen_engine=cfg.frozen_engine, full=long)  # fmt: skip
 
