@@ -3,7 +3,9 @@ validation split, and a plan that survives --resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections import Counter
 
 import pytest
 
@@ -271,7 +273,7 @@ def test_lite1_is_measured_for_small_data_lite2_and_full_for_long_budgets_only(m
     assert calls == [(["efficientnet_lite1"], False), (["efficientnet_lite0"], False)]
 
 
-def test_a_short_budget_pilots_the_cheapest_recipes_and_says_which_it_left_out(tmp_path, caplog):
+def test_a_short_budget_pilots_fewer_recipes_of_every_kind_and_says_which_it_left_out(tmp_path, caplog):
     make_class_tree(tmp_path / "d" / "train", per_class=40)
     make_class_tree(tmp_path / "d" / "val", per_class=10, seed=500)
     clock, seen, sp = [0.0], [], speed(full_train=0.5)  # full fine-tuning cannot fit at all
@@ -292,9 +294,10 @@ def test_a_short_budget_pilots_the_cheapest_recipes_and_says_which_it_left_out(t
     everything = {c.name: c for c in grid(DataProfile.of(resolve_data(cfg.data)), sp)}
     assert plan.record["unaffordable"] == ["full fine-tuning, augmented, 192px"]
     assert piloted | set(left_out) | set(plan.record["unaffordable"]) == set(everything)
-    cost = lambda name: seconds(everything[name], sp, n=80, m=0, epochs=2)  # noqa: E731
-    assert min(map(cost, left_out)) >= max(map(cost, piloted))  # the costliest went first
-    assert "costliest candidates left out to fit the budget" in caplog.text
+    kinds = Counter(everything[name].kind for name in piloted)
+    for name in left_out:  # the most numerous kind gave way: no kind was left out below the others
+        assert kinds[everything[name].kind] + 1 >= max(kinds.values())
+    assert "candidates left out to fit the budget" in caplog.text
     assert clock[0] + plan.record["final"]["predicted_seconds"] <= 45
 
 
@@ -314,3 +317,46 @@ def test_plan_previews_every_candidate_and_the_pilots_a_budget_allows(tmp_path, 
     left_out = [r for r in rows.values() if r["affordable"] and not r["piloted"]]
     assert bool(left_out) == (budget == "45s")  # the same candidates `train` would leave out
     assert p["pilot_seconds"] <= 0.5 * search.SEARCH_SHARE * parse_duration(budget)
+
+
+def test_pilots_see_enough_images_and_the_most_numerous_kind_makes_way():
+    """5,000 CIFAR-10 images, 10m, on a slow box: every candidate piloted on 96 training images,
+    where fine-tuning had too few steps to show anything (0.425 against 0.645 for features; on
+    1,000 images it scored 0.755 against 0.714). Now candidates of the most numerous kind make way."""
+    items = [(f"{i}.jpg", i % 10) for i in range(5000)]
+    split = DataSplit([str(c) for c in range(10)], items, [], "folders")
+    parts = search.folds(split, 0, 1)
+    sp = speed()
+    cands = grid(DataProfile(5000, 1000, 10, 500, 32), sp)
+    floor = search.pilot_floor(parts[0], 10)
+    assert floor == search.PILOT_FLOOR == 500
+    at_floor = [search.predict(c, sp, search._subset(parts[0], floor, 250, 0), 2) for c in cands]
+    allowed = 0.6 * sum(at_floor)
+    alive, subs, cost = search._pilots_that_fit(cands, parts, sp, 2, allowed, 0, floor)
+    assert len(subs[0].train) >= floor and cost <= allowed and 2 <= len(alive) < len(cands)
+    kinds = Counter(c.kind for c in alive)
+    assert set(kinds) == {c.kind for c in cands}  # every kind is still piloted: the numerous ones gave way
+    assert all(kinds[c.kind] + 1 >= max(kinds.values()) for c in cands if c not in alive)
+    everyone, small, _ = search._pilots_that_fit(cands, parts, sp, 2, allowed, 0)  # no floor: as before
+    assert everyone == cands and len(small[0].train) < floor
+    # fewer images than the floor: all of them; many classes: 10 per class
+    assert search.pilot_floor(dataclasses.replace(parts[0], train=items[:300]), 10) == 300
+    assert search.pilot_floor(parts[0], 100) == 1000
+
+
+def test_the_second_stage_gets_what_the_pilots_left_of_the_search_share():
+    """Pilots that cost less than their half leave the rest to the survivors: more images there."""
+    items = [(f"{i}.jpg", i % 10) for i in range(40_000)]
+    split = DataSplit([str(c) for c in range(10)], items, [], "folders")
+    sp = speed()
+    cands = [c for c in grid(DataProfile(40_000, 0, 10, 4000, 32), sp) if c.kind == "features"][:2]
+
+    def run(cfg, split):  # instant: the pilots spend nothing of the fake clock
+        return TrainResult("", RunResults(val_accuracy=0.5, val_loss=0.5), [])
+
+    cfg = TrainConfig(data="d", strategy="auto", budget="10m").resolved()
+    budget, record = Budget(600, lambda: 0.0), {"stages": []}
+    search.halving(cfg, cands, split, sp, budget, record, run)
+    share = search.search_share(sp, split, 600) * 600
+    pilots, survivors = record["stages"]
+    assert pilots["predicted_seconds"] <= 0.5 * share < survivors["predicted_seconds"] <= share
