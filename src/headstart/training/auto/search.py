@@ -469,10 +469,9 @@ def preview(cfg, *, speed: Speed | None = None) -> dict:
     k = fold_count(split)
     first = folds(split, cfg.seed, k)[0]
     share = search_share(speed, split, budget.seconds)
-    piloted, subs, cost = _pilots_that_fit(
-        candidates, [first], speed, 2, 0.5 * share * budget.left(), cfg.seed,
-        pilot_floor(first, profile.classes),
-    )
+    floor = pilot_floor(first, profile.classes)
+    allowed = 0.5 * share * budget.left()
+    piloted, subs, cost = _pilots_that_fit(candidates, [first], speed, 2, allowed, cfg.seed, floor)
     rows = []
     for c in everything:
         final = final_config(cfg, c, speed, split, budget)
