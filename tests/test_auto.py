@@ -294,9 +294,9 @@ def test_a_short_budget_pilots_fewer_recipes_of_every_kind_and_says_which_it_lef
     everything = {c.name: c for c in grid(DataProfile.of(resolve_data(cfg.data)), sp)}
     assert plan.record["unaffordable"] == ["full fine-tuning, augmented, 192px"]
     assert piloted | set(left_out) | set(plan.record["unaffordable"]) == set(everything)
-    kinds = Counter(everything[name].kind for name in piloted)
-    for name in left_out:  # the most numerous kind gave way: no kind was left out below the others
-        assert kinds[everything[name].kind] + 1 >= max(kinds.values())
+    kinds = Counter(search._family(everything[name]) for name in piloted)
+    for name in left_out:  # the most numerous family gave way: none was left out below the others
+        assert kinds[search._family(everything[name])] + 1 >= max(kinds.values())
     assert "candidates left out to fit the budget" in caplog.text
     assert clock[0] + plan.record["final"]["predicted_seconds"] <= 45
 
@@ -326,17 +326,18 @@ def test_pilots_see_enough_images_and_the_most_numerous_kind_makes_way():
     items = [(f"{i}.jpg", i % 10) for i in range(5000)]
     split = DataSplit([str(c) for c in range(10)], items, [], "folders")
     parts = search.folds(split, 0, 1)
-    sp = speed()
+    sp = speed(forward={"efficientnet_lite0": 100.0, "efficientnet_lite1": 70.0})
     cands = grid(DataProfile(5000, 1000, 10, 500, 32), sp)
+    assert "extract efficientnet_lite1" in [c.name for c in cands]
     floor = search.pilot_floor(parts[0], 10)
     assert floor == search.PILOT_FLOOR == 500
     at_floor = [search.predict(c, sp, search._subset(parts[0], floor, 250, 0), 2) for c in cands]
     allowed = 0.6 * sum(at_floor)
     alive, subs, cost = search._pilots_that_fit(cands, parts, sp, 2, allowed, 0, floor)
     assert len(subs[0].train) >= floor and cost <= allowed and 2 <= len(alive) < len(cands)
-    kinds = Counter(c.kind for c in alive)
-    assert set(kinds) == {c.kind for c in cands}  # every kind is still piloted: the numerous ones gave way
-    assert all(kinds[c.kind] + 1 >= max(kinds.values()) for c in cands if c not in alive)
+    kinds = Counter(search._family(c) for c in alive)
+    assert set(kinds) == {search._family(c) for c in cands}  # every family still pilots: lite1 too
+    assert all(kinds[search._family(c)] + 1 >= max(kinds.values()) for c in cands if c not in alive)
     everyone, small, _ = search._pilots_that_fit(cands, parts, sp, 2, allowed, 0)  # no floor: as before
     assert everyone == cands and len(small[0].train) < floor
     # fewer images than the floor: all of them; many classes: 10 per class

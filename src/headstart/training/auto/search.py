@@ -275,9 +275,10 @@ def pilot_floor(part: DataSplit, classes: int) -> int:
 def _pilots_that_fit(cands, parts: list[DataSplit], speed: Speed, epochs: int, seconds_allowed: float,
                      seed: int, floor: int = 10):  # fmt: skip
     """_fit_stage for the pilots, on `floor` images or more: where not every candidate fits, the
-    most numerous kind gives way first (features, fine-tuning on cached maps, on images), the
-    candidate whose absence saves most, down to two; where not even two fit there, every candidate
-    on fewer images, leaving out the same way: (the candidates that fit, their subsets, their cost)."""
+    most numerous family gives way first (features, fine-tuning on cached maps, on images; of each
+    backbone), the candidate whose absence saves most, down to two; where not even two fit there,
+    every candidate on fewer images, leaving out the same way: (the candidates that fit, their
+    subsets, their cost)."""
     for least in dict.fromkeys((floor, 10)):
         alive = list(cands)
         while True:
@@ -292,11 +293,11 @@ def _pilots_that_fit(cands, parts: list[DataSplit], speed: Speed, epochs: int, s
 
 def _gives_way(alive: list[Candidate], parts: list[DataSplit], speed: Speed, epochs: int, seed: int,
                n: int) -> Candidate:  # fmt: skip
-    """The candidate to leave out: of the most numerous kind, the one whose absence saves most
+    """The candidate to leave out: of the most numerous family, the one whose absence saves most
     (counting the cache its siblings share: a second learning rate on the same maps costs little)."""
     subs = [_subset(p, n, max(200, min(len(p.val), n // 2, 2000)), seed) for p in parts]
-    kinds = Counter(c.kind for c in alive)
-    pool = [c for c in alive if kinds[c.kind] == max(kinds.values())]
+    kinds = Counter(_family(c) for c in alive)
+    pool = [c for c in alive if kinds[_family(c)] == max(kinds.values())]
     whole = _stage_cost(alive, subs, speed, epochs)
     return max(pool, key=lambda c: whole - _stage_cost([x for x in alive if x is not c], subs, speed, epochs))
 
@@ -315,6 +316,11 @@ def _fit_stage(cands, parts: list[DataSplit], speed: Speed, epochs: int, seconds
         if n <= floor:
             return None, None
         n = max(floor, int(n * 0.75))
+
+
+def _family(c: Candidate) -> tuple[str, str]:
+    """What a candidate's pilot tells apart from the others': its kind, and its backbone."""
+    return c.kind, c.backbone
 
 
 def _stage_cost(cands, subs: list[DataSplit], speed: Speed, epochs: int) -> float:
