@@ -338,6 +338,10 @@ def test_pilots_see_enough_images_and_the_most_numerous_kind_makes_way():
     kinds = Counter(search._family(c) for c in alive)
     assert set(kinds) == {search._family(c) for c in cands}  # every family still pilots: lite1 too
     assert all(kinds[search._family(c)] + 1 >= max(kinds.values()) for c in cands if c not in alive)
+    # half of them do not fit on 500 (a slow machine): that half pilots on fewer images
+    half, fewer, _ = search._pilots_that_fit(cands, parts, sp, 2, 0.3 * sum(at_floor), 0, floor)
+    assert len(half) == (len(cands) + 1) // 2 and len(fewer[0].train) < floor
+    assert {search._family(c) for c in half} == {search._family(c) for c in cands}
     everyone, small, _ = search._pilots_that_fit(cands, parts, sp, 2, allowed, 0)  # no floor: as before
     assert everyone == cands and len(small[0].train) < floor
     # fewer images than the floor: all of them; many classes: 10 per class

@@ -274,18 +274,18 @@ def pilot_floor(part: DataSplit, classes: int) -> int:
 
 def _pilots_that_fit(cands, parts: list[DataSplit], speed: Speed, epochs: int, seconds_allowed: float,
                      seed: int, floor: int = 10):  # fmt: skip
-    """_fit_stage for the pilots, on `floor` images or more: where not every candidate fits, the
-    most numerous family gives way first (features, fine-tuning on cached maps, on images; of each
-    backbone), the candidate whose absence saves most, down to two; where not even two fit there,
-    every candidate on fewer images, leaving out the same way: (the candidates that fit, their
-    subsets, their cost)."""
-    for least in dict.fromkeys((floor, 10)):
-        alive = list(cands)
+    """_fit_stage for the pilots, on `floor` images or more where leaving out at most half of the
+    candidates makes them fit; else the half that stays on fewer images, leaving out more (down to
+    two) only where even ten images do not fit. The most numerous family gives way first (features,
+    fine-tuning on cached maps, on images; of each backbone), the candidate whose absence saves
+    most: (the candidates that fit, their subsets, their predicted cost)."""
+    alive = list(cands)
+    for least, fewest in dict.fromkeys(((floor, max(2, (len(cands) + 1) // 2)), (10, 2))):
         while True:
             subs, cost = _fit_stage(alive, parts, speed, epochs, seconds_allowed, seed, least)
             if subs is not None:
                 return alive, subs, cost
-            if len(alive) <= 2:
+            if len(alive) <= fewest:
                 break
             alive.remove(_gives_way(alive, parts, speed, epochs, seed, least))
     return alive, None, None
@@ -299,7 +299,9 @@ def _gives_way(alive: list[Candidate], parts: list[DataSplit], speed: Speed, epo
     kinds = Counter(_family(c) for c in alive)
     pool = [c for c in alive if kinds[_family(c)] == max(kinds.values())]
     whole = _stage_cost(alive, subs, speed, epochs)
-    return max(pool, key=lambda c: whole - _stage_cost([x for x in alive if x is not c], subs, speed, epochs))
+    # reversed: of candidates that save alike, the later in the grid (a variant: lr x0.1) goes first
+    saves = lambda c: whole - _stage_cost([x for x in alive if x is not c], subs, speed, epochs)  # noqa: E731
+    return max(reversed(pool), key=saves)
 
 
 def _fit_stage(cands, parts: list[DataSplit], speed: Speed, epochs: int, seconds_allowed: float, seed: int,
