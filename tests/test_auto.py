@@ -15,6 +15,7 @@ from headstart.data.layout import DataSplit, resolve_data
 from headstart.training.auto import search
 from headstart.training.auto.budget import Budget, parse_duration
 from headstart.training.auto.candidates import REFERENCE, Candidate, grid, seconds, sizes_for
+from headstart.training.auto.preview import preview
 from headstart.training.auto.profile import DataProfile, Speed
 from headstart.training.options import TrainConfig
 from headstart.training.record import RunResults, TrainResult
@@ -307,7 +308,7 @@ def test_plan_previews_every_candidate_and_the_pilots_a_budget_allows(tmp_path, 
     make_class_tree(tmp_path / "d" / "val", per_class=10, seed=500)
     sp = speed(full_train=0.05)  # full fine-tuning fits neither budget
     cfg = TrainConfig(data=str(tmp_path / "d"), strategy="auto", budget=budget).resolved()
-    p = search.preview(cfg, speed=sp)
+    p = preview(cfg, speed=sp)
     rows = {r["name"]: r for r in p["candidates"]}
     assert set(rows) == {c.name for c in grid(DataProfile.of(resolve_data(cfg.data)), sp)}
     assert not rows["full fine-tuning, augmented, 192px"]["affordable"]
@@ -333,16 +334,16 @@ def test_pilots_see_enough_images_and_the_most_numerous_kind_makes_way():
     assert floor == search.PILOT_FLOOR == 500
     at_floor = [search.predict(c, sp, search._subset(parts[0], floor, 250, 0), 2) for c in cands]
     allowed = 0.6 * sum(at_floor)
-    alive, subs, cost = search._pilots_that_fit(cands, parts, sp, 2, allowed, 0, floor)
+    alive, subs, cost = search.pilots_that_fit(cands, parts, sp, 2, allowed, 0, floor)
     assert len(subs[0].train) >= floor and cost <= allowed and 2 <= len(alive) < len(cands)
     kinds = Counter(search._family(c) for c in alive)
     assert set(kinds) == {search._family(c) for c in cands}  # every family still pilots: lite1 too
     assert all(kinds[search._family(c)] + 1 >= max(kinds.values()) for c in cands if c not in alive)
     # half of them do not fit on 500 (a slow machine): that half pilots on fewer images
-    half, fewer, _ = search._pilots_that_fit(cands, parts, sp, 2, 0.3 * sum(at_floor), 0, floor)
+    half, fewer, _ = search.pilots_that_fit(cands, parts, sp, 2, 0.3 * sum(at_floor), 0, floor)
     assert len(half) == (len(cands) + 1) // 2 and len(fewer[0].train) < floor
     assert {search._family(c) for c in half} == {search._family(c) for c in cands}
-    everyone, small, _ = search._pilots_that_fit(cands, parts, sp, 2, allowed, 0)  # no floor: as before
+    everyone, small, _ = search.pilots_that_fit(cands, parts, sp, 2, allowed, 0)  # no floor: as before
     assert everyone == cands and len(small[0].train) < floor
     # fewer images than the floor: all of them; many classes: 10 per class
     assert search.pilot_floor(dataclasses.replace(parts[0], train=items[:300]), 10) == 300

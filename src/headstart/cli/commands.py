@@ -311,7 +311,7 @@ def cmd_cache(a: argparse.Namespace) -> int:
 
 def cmd_plan(a: argparse.Namespace) -> int:
     """headstart plan."""
-    from headstart.training.auto.search import preview
+    from headstart.training.auto.preview import preview
     from headstart.training.options import TrainConfig
 
     cfg = TrainConfig(strategy="auto").with_overrides(given(a, a.option_dests)).resolved()

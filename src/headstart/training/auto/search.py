@@ -207,7 +207,7 @@ def halving(
         if name == "pilots":
             floor = pilot_floor(stage_parts[0], len(split.classes))
             allowed = 0.5 * search_budget
-            alive, subs, cost = _pilots_that_fit(alive, stage_parts, speed, epochs, allowed, cfg.seed, floor)
+            alive, subs, cost = pilots_that_fit(alive, stage_parts, speed, epochs, allowed, cfg.seed, floor)
         else:  # what the pilots left of the search's share, not a fixed half of it
             allowed = max(0.5 * search_budget, search_budget - (budget.clock() - search_start))
             subs, cost = _fit_stage(alive, stage_parts, speed, epochs, allowed, cfg.seed)
@@ -272,7 +272,7 @@ def pilot_floor(part: DataSplit, classes: int) -> int:
     return min(len(part.train), max(PILOT_FLOOR, 10 * classes))
 
 
-def _pilots_that_fit(cands, parts: list[DataSplit], speed: Speed, epochs: int, seconds_allowed: float,
+def pilots_that_fit(cands, parts: list[DataSplit], speed: Speed, epochs: int, seconds_allowed: float,
                      seed: int, floor: int = 10):  # fmt: skip
     """_fit_stage for the pilots, on `floor` images or more where leaving out at most half of the
     candidates makes them fit; else the half that stays on fewer images, leaving out more (down to
@@ -463,46 +463,3 @@ def _quiet():
         yield
     finally:
         log.setLevel(level)
-
-
-def preview(cfg, *, speed: Speed | None = None) -> dict:
-    """`headstart plan`: the measurements, the candidates and the predicted time of every stage,
-    before anything trains (the pilots' scores decide the rest)."""
-    budget = Budget(parse_duration(cfg.budget))
-    split = resolve_data(cfg.data, val=cfg.val, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    profile = DataProfile.of(split)
-    speed = speed or measure_for(cfg, split, budget)
-    everything = grid(profile, speed, cfg.backbone)
-    candidates = affordable(everything, speed, profile, budget.left() * SAFETY)
-    k = fold_count(split)
-    first = folds(split, cfg.seed, k)[0]
-    share = search_share(speed, split, budget.seconds)
-    floor = pilot_floor(first, profile.classes)
-    allowed = 0.5 * share * budget.left()
-    piloted, subs, cost = _pilots_that_fit(candidates, [first], speed, 2, allowed, cfg.seed, floor)
-    rows = []
-    for c in everything:
-        final = final_config(cfg, c, speed, split, budget)
-        pilot_s = round(predict(c, speed, subs[0], 2), 1) if subs and c in piloted else None
-        rows.append(
-            {
-                "name": c.name,
-                "affordable": c in candidates,
-                "piloted": c in piloted,  # a short budget pilots the cheaper ones only
-                "options": c.options,
-                "pilot_seconds": pilot_s,
-                "final_epochs": final.config.resolved().epochs,
-                "final_images": final.train_images,
-                "final_seconds": round(final.seconds, 1),
-            }
-        )
-    return {
-        "budget_seconds": budget.seconds,
-        "profile": dataclasses.asdict(profile),
-        "speed": speed.to_dict(),
-        "folds": k,
-        "pilot_images": len(subs[0].train) if subs else None,
-        "pilot_val_images": len(subs[0].val) if subs else None,
-        "pilot_seconds": round(cost, 1) if cost else None,
-        "candidates": rows,
-    }

@@ -1,0 +1,66 @@
+"""`headstart plan`: what `auto` would measure, try and train, with the predicted time of each,
+before anything trains."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from headstart.data.layout import resolve_data
+from headstart.training.auto.budget import Budget, parse_duration
+from headstart.training.auto.candidates import grid
+from headstart.training.auto.profile import DataProfile, Speed
+from headstart.training.auto.search import (
+    SAFETY,
+    affordable,
+    final_config,
+    fold_count,
+    folds,
+    measure_for,
+    pilot_floor,
+    pilots_that_fit,
+    predict,
+    search_share,
+)
+
+
+def preview(cfg, *, speed: Speed | None = None) -> dict:
+    """`headstart plan`: the measurements, the candidates and the predicted time of every stage,
+    before anything trains (the pilots' scores decide the rest)."""
+    budget = Budget(parse_duration(cfg.budget))
+    split = resolve_data(cfg.data, val=cfg.val, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    profile = DataProfile.of(split)
+    speed = speed or measure_for(cfg, split, budget)
+    everything = grid(profile, speed, cfg.backbone)
+    candidates = affordable(everything, speed, profile, budget.left() * SAFETY)
+    k = fold_count(split)
+    first = folds(split, cfg.seed, k)[0]
+    share = search_share(speed, split, budget.seconds)
+    floor = pilot_floor(first, profile.classes)
+    allowed = 0.5 * share * budget.left()
+    piloted, subs, cost = pilots_that_fit(candidates, [first], speed, 2, allowed, cfg.seed, floor)
+    rows = []
+    for c in everything:
+        final = final_config(cfg, c, speed, split, budget)
+        pilot_s = round(predict(c, speed, subs[0], 2), 1) if subs and c in piloted else None
+        rows.append(
+            {
+                "name": c.name,
+                "affordable": c in candidates,
+                "piloted": c in piloted,  # a short budget pilots the cheaper ones only
+                "options": c.options,
+                "pilot_seconds": pilot_s,
+                "final_epochs": final.config.resolved().epochs,
+                "final_images": final.train_images,
+                "final_seconds": round(final.seconds, 1),
+            }
+        )
+    return {
+        "budget_seconds": budget.seconds,
+        "profile": dataclasses.asdict(profile),
+        "speed": speed.to_dict(),
+        "folds": k,
+        "pilot_images": len(subs[0].train) if subs else None,
+        "pilot_val_images": len(subs[0].val) if subs else None,
+        "pilot_seconds": round(cost, 1) if cost else None,
+        "candidates": rows,
+    }
