@@ -46,7 +46,7 @@ def preview(cfg, *, speed: Speed | None = None) -> dict:
             {
                 "name": c.name,
                 "affordable": c in candidates,
-                "piloted": c in piloted,  # a short budget pilots the cheaper ones only
+                "piloted": c in piloted,  # a short budget pilots fewer of each family
                 "options": c.options,
                 "pilot_seconds": pilot_s,
                 "final_epochs": final.config.resolved().epochs,
