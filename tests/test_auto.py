@@ -17,6 +17,7 @@ from headstart.training.auto.budget import Budget, parse_duration
 from headstart.training.auto.candidates import REFERENCE, Candidate, grid, seconds, sizes_for
 from headstart.training.auto.preview import preview
 from headstart.training.auto.profile import DataProfile, Speed
+from headstart.training.auto.splits import folds, subset
 from headstart.training.options import TrainConfig
 from headstart.training.record import RunResults, TrainResult
 
@@ -326,13 +327,13 @@ def test_pilots_see_enough_images_and_the_most_numerous_kind_makes_way():
     1,000 images it scored 0.755 against 0.714). Now candidates of the most numerous kind make way."""
     items = [(f"{i}.jpg", i % 10) for i in range(5000)]
     split = DataSplit([str(c) for c in range(10)], items, [], "folders")
-    parts = search.folds(split, 0, 1)
+    parts = folds(split, 0, 1)
     sp = speed(forward={"efficientnet_lite0": 100.0, "efficientnet_lite1": 70.0})
     cands = grid(DataProfile(5000, 1000, 10, 500, 32), sp)
     assert "extract efficientnet_lite1" in [c.name for c in cands]
     floor = search.pilot_floor(parts[0], 10)
     assert floor == search.PILOT_FLOOR == 500
-    at_floor = [search.predict(c, sp, search._subset(parts[0], floor, 250, 0), 2) for c in cands]
+    at_floor = [search.predict(c, sp, subset(parts[0], floor, 250, 0), 2) for c in cands]
     allowed = 0.6 * sum(at_floor)
     alive, subs, cost = search.pilots_that_fit(cands, parts, sp, 2, allowed, 0, floor)
     assert len(subs[0].train) >= floor and cost <= allowed and 2 <= len(alive) < len(cands)
@@ -366,3 +367,48 @@ def test_the_second_stage_gets_what_the_pilots_left_of_the_search_share():
     share = search.search_share(sp, split, 600) * 600
     pilots, survivors = record["stages"]
     assert pilots["predicted_seconds"] <= 0.5 * share < survivors["predicted_seconds"] <= share
+
+
+def _scripted(table: dict, clock: list[float], step: float = 0.0):
+    """A runner that trains nothing: the n-th run of a recipe scores table[recipe][n]; each run
+    advances the fake clock by `step` seconds."""
+    seen: list = []
+
+    def run(cfg, split):
+        clock[0] += step
+        key = "prefix" if cfg.cache_prefix else f"{cfg.strategy} {cfg.feature_blocks}"
+        acc = table[key][min(seen.count(key), len(table[key]) - 1)]
+        seen.append(key)
+        return TrainResult("", RunResults(val_accuracy=acc, val_loss=1 - acc), [])
+
+    return run
+
+
+@pytest.mark.parametrize("step", [0.0, 90.0])
+def test_a_second_look_lets_fine_tuning_rank_where_features_were_last_scored(step):
+    """Pilots on part of the data favour features; where the features' final run leaves the time,
+    the best fine-tuning pilot runs where the survivors did and wins if it scores higher there."""
+    items = [(f"{i}.jpg", i % 10) for i in range(5000)]
+    split = DataSplit([str(c) for c in range(10)], items[:4000], items[4000:], "folders")
+    profile = DataProfile(4000, 1000, 10, 400, 32)
+    feats = [c for c in grid(profile, speed()) if c.kind == "features"]
+    cands = [*feats, next(c for c in grid(profile, speed()) if c.kind == "prefix")]
+    table = {
+        "extract 1": (0.70, 0.75),
+        "extract 3": (0.69, 0.74),
+        "linear-probe 1": (0.6,),
+        "prefix": (0.5, 0.8),
+    }
+    cfg = TrainConfig(data="d", strategy="auto", budget="10m").resolved()
+    record, clock = {"stages": []}, [0.0]
+    run = _scripted(table, clock, step)
+    winner = search.halving(cfg, cands, split, speed(), Budget(600, lambda: clock[0]), record, run)
+    names = [s["name"] for s in record["stages"]]
+    assert record["stages"][0]["train_images"] < 3200  # the pilots saw part of the inner split
+    assert [len(s["candidates"]) for s in record["stages"][:2]] == [4, 2]
+    if not step:
+        assert names == ["pilots", "survivors", "second look"] and winner.kind == "prefix"
+        look, survivors = record["stages"][2], record["stages"][1]
+        assert (look["train_images"], look["epochs"]) == (survivors["train_images"], survivors["epochs"])
+    else:  # the search took all but 60 s: no time for a look and fine-tuning's final run
+        assert "second look" not in names and winner.name == "extract"

@@ -13,14 +13,13 @@ from headstart.training.auto.search import (
     SAFETY,
     affordable,
     final_config,
-    fold_count,
-    folds,
     measure_for,
     pilot_floor,
     pilots_that_fit,
     predict,
     search_share,
 )
+from headstart.training.auto.splits import fold_count, folds
 
 
 def preview(cfg, *, speed: Speed | None = None) -> dict:

@@ -22,11 +22,12 @@ import numpy as np
 
 from headstart.core import logs
 from headstart.core.errors import ConfigError, HeadstartError, RunInterrupted
-from headstart.data.layout import DataSplit, resolve_data, stratified_split
+from headstart.data.layout import DataSplit, resolve_data
 from headstart.models.backbones import check_weights
 from headstart.training.auto.budget import Budget, parse_duration
 from headstart.training.auto.candidates import BASE, LARGER, RUN_OVERHEAD, Candidate, grid, seconds
 from headstart.training.auto.profile import DataProfile, Speed, measure
+from headstart.training.auto.splits import fold_count, folds, sample, subset
 
 SEARCH_SHARE = 0.45  # of the budget left after measuring: pilots and the second stage together
 SAFETY = 0.9  # plan to 90 % of the budget: predictions are estimates
@@ -145,43 +146,6 @@ def affordable(candidates: list[Candidate], speed: Speed, profile: DataProfile, 
     return keep or [min(candidates, key=lambda c: seconds(c, speed, n=n, m=m, epochs=1))]
 
 
-def inner_split(split: DataSplit, seed: int) -> DataSplit:
-    """80/20 of the training images, stratified and seeded: what every choice is scored on."""
-    train, val = stratified_split(split.train, 0.2, seed)
-    return DataSplit(split.classes, train, val, "auto inner split of the training images", [], split.root)
-
-
-def fold_count(split: DataSplit) -> int:
-    """3 folds for small sets (one 20 % hold-out under 500 images is too noisy to rank on), else 1."""
-    return 3 if len(split.train) * 0.2 < 500 else 1
-
-
-def folds(split: DataSplit, seed: int, k: int) -> list[DataSplit]:
-    """k stratified train/held-out partitions of the training images (k = 1: one 80/20 split)."""
-    if k == 1:
-        return [inner_split(split, seed)]
-    by_class: dict[int, list] = {}
-    for item in split.train:
-        by_class.setdefault(item[1], []).append(item)
-    parts: list[list] = [[] for _ in range(k)]
-    for y in sorted(by_class):
-        items = sorted(by_class[y])
-        order = np.random.default_rng(seed + y).permutation(len(items))
-        for j, i in enumerate(order):
-            parts[j % k].append(items[i])
-    return [
-        DataSplit(
-            split.classes,
-            sorted(x for p in parts[:f] + parts[f + 1 :] for x in p),
-            sorted(parts[f]),
-            f"auto fold {f + 1}/{k} of the training images",
-            [],
-            split.root,
-        )
-        for f in range(k)
-    ]
-
-
 def halving(
     cfg,
     candidates: list[Candidate],
@@ -200,7 +164,7 @@ def halving(
     search_budget = search_share(speed, split, budget.seconds) * budget.left()
     search_start = budget.clock()
     plan = [("pilots", parts[:1], 2), ("survivors", parts[1:] if k > 1 else parts, 2 if k > 1 else 3)]
-    alive = candidates
+    alive, last, part_only = candidates, None, False
     for name, stage_parts, epochs in plan:
         if name == "survivors" and len(alive) < 2:
             break
@@ -208,6 +172,7 @@ def halving(
             floor = pilot_floor(stage_parts[0], len(split.classes))
             allowed = 0.5 * search_budget
             alive, subs, cost = pilots_that_fit(alive, stage_parts, speed, epochs, allowed, cfg.seed, floor)
+            part_only = subs is not None and len(subs[0].train) < len(stage_parts[0].train)
         else:  # what the pilots left of the search's share, not a fixed half of it
             allowed = max(0.5 * search_budget, search_budget - (budget.clock() - search_start))
             subs, cost = _fit_stage(alive, stage_parts, speed, epochs, allowed, cfg.seed)
@@ -224,29 +189,68 @@ def halving(
             record["left_out_for_time"] = dropped
             logs.info(f"auto: {len(dropped)} candidates left out to fit the budget: "
                       f"{', '.join(dropped)}")  # fmt: skip
-        stage = {
-            "name": name,
-            "folds": len(subs),
-            "train_images": len(subs[0].train),
-            "val_images": len(subs[0].val),
-            "epochs": epochs,
-            "predicted_seconds": round(cost, 1),
-            "candidates": [],
-        }
-        t0 = budget.clock()
-        for sub in subs:
-            for c in alive:
-                stage["candidates"].append(pilot(cfg, c, sub, epochs, speed, run, budget.clock))
-        stage["actual_seconds"] = round(budget.clock() - t0, 1)
-        record["stages"].append(stage)
+        record["stages"].append(_run_stage(cfg, name, alive, subs, epochs, cost, speed, run, budget.clock))
+        last = (subs, epochs)
         # folds: every fold's score counts alike; one split: the second stage (more images and
         # epochs) outranks the pilots, whose few images favour the fastest learners
-        last = len(subs) if k == 1 else None
-        ranked = sorted((c for c in alive if _mean(c, last) is not None), key=lambda c: _mean(c, last))
+        only = len(subs) if k == 1 else None
+        ranked = sorted((c for c in alive if _mean(c, only) is not None), key=lambda c: _mean(c, only))
         alive = ranked[: max(2, len(ranked) // 3)] if name == "pilots" else ranked[:1]
         if not alive:
             break
-    return alive[0] if alive else candidates[0]
+    winner = alive[0] if alive else candidates[0]
+    if part_only and last is not None and record["stages"][-1]["name"] == "survivors":
+        winner = _second_look(cfg, winner, candidates, *last, split, speed, budget, record, run)
+    return winner
+
+
+def _run_stage(cfg, name: str, cands, subs: list[DataSplit], epochs: int, cost: float, speed: Speed,
+               run: Callable, clock: Callable[[], float]) -> dict:  # fmt: skip
+    """Every candidate on every subset: the stage's record, predicted and actual seconds included."""
+    stage = {
+        "name": name,
+        "folds": len(subs),
+        "train_images": len(subs[0].train),
+        "val_images": len(subs[0].val),
+        "epochs": epochs,
+        "predicted_seconds": round(cost, 1),
+        "candidates": [],
+    }
+    t0 = clock()
+    for sub in subs:
+        for c in cands:
+            stage["candidates"].append(pilot(cfg, c, sub, epochs, speed, run, clock))
+    stage["actual_seconds"] = round(clock() - t0, 1)
+    return stage
+
+
+def _second_look(cfg, winner: Candidate, candidates, subs: list[DataSplit], epochs: int, split: DataSplit,
+                 speed: Speed, budget: Budget, record: dict, run: Callable) -> Candidate:  # fmt: skip
+    """Where the pilots saw part of the data and the winner's final run will not need all the time
+    left (features train in seconds), the best pilot of each other family runs where the winner
+    was last scored, as time allows, and ranks against it there: few pilot images favour features."""
+    ran = {e["name"] for e in record["stages"][-1]["candidates"]}
+    best: dict = {}
+    for c in candidates:
+        score = c.scores[0].get("accuracy") if c.scores else None
+        if score is None or c.name in ran or _family(c) == _family(winner):
+            continue
+        if _family(c) not in best or score > best[_family(c)].scores[0]["accuracy"]:
+            best[_family(c)] = c
+    n, m = len(split.train), len(split.val)
+    for c in sorted(best.values(), key=lambda c: -c.scores[0]["accuracy"]):
+        cost = sum(predict(c, speed, s, epochs) for s in subs)
+        most = FINAL_EPOCHS.get(winner.kind, (1, 1))[1]
+        keep = seconds(winner, speed, n=n, m=m, epochs=most)  # the winner's final, at its most epochs
+        fewest = FINAL_EPOCHS.get(c.kind, (1, 1))[0]
+        if cost + max(keep, seconds(c, speed, n=n, m=m, epochs=fewest)) > SAFETY * budget.left():
+            continue
+        stage = _run_stage(cfg, "second look", [c], subs, epochs, cost, speed, run, budget.clock)
+        record["stages"].append(stage)
+        if _mean(c, len(subs)) is not None and _mean(c, len(subs)) < _mean(winner, len(subs)):
+            logs.info(f"auto: {c.name} ranks above {winner.name} on the same images: it trains instead")
+            winner = c
+    return winner
 
 
 def search_share(speed: Speed, split: DataSplit, budget_seconds: float) -> float:
@@ -295,7 +299,7 @@ def _gives_way(alive: list[Candidate], parts: list[DataSplit], speed: Speed, epo
                n: int) -> Candidate:  # fmt: skip
     """The candidate to leave out: of the most numerous family, the one whose absence saves most
     (counting the cache its siblings share: a second learning rate on the same maps costs little)."""
-    subs = [_subset(p, n, max(200, min(len(p.val), n // 2, 2000)), seed) for p in parts]
+    subs = [subset(p, n, max(200, min(len(p.val), n // 2, 2000)), seed) for p in parts]
     kinds = Counter(_family(c) for c in alive)
     pool = [c for c in alive if kinds[_family(c)] == max(kinds.values())]
     whole = _stage_cost(alive, subs, speed, epochs)
@@ -311,7 +315,7 @@ def _fit_stage(cands, parts: list[DataSplit], speed: Speed, epochs: int, seconds
     and what earlier runs of the stage will leave in it; (None, None) if none fits."""
     n = len(parts[0].train)
     while True:
-        subs = [_subset(p, n, max(200, min(len(p.val), n // 2, 2000)), seed) for p in parts]
+        subs = [subset(p, n, max(200, min(len(p.val), n // 2, 2000)), seed) for p in parts]
         cost = _stage_cost(cands, subs, speed, epochs)
         if cost <= seconds_allowed:
             return subs, cost
@@ -354,18 +358,6 @@ def extraction_key(c: Candidate) -> str:
         "features": f"features {c.backbone} {c.size} {blocks}",
         "prefix": f"maps {c.backbone} {c.size} {c.groups}",
     }.get(c.kind, "")
-
-
-def _subset(inner: DataSplit, n: int, m: int, seed: int) -> DataSplit:
-    """A stratified subset of n inner-training and m inner-validation images."""
-    return dataclasses.replace(inner, train=sample(inner.train, n, seed), val=sample(inner.val, m, seed))
-
-
-def sample(items: list[tuple[str, int]], n: int, seed: int) -> list[tuple[str, int]]:
-    """n of the items, stratified by label and seeded (all of them when n is not smaller)."""
-    if n >= len(items):
-        return list(items)
-    return sorted(stratified_split(items, n / len(items), seed)[1])  # its held-out part has n items
 
 
 def pilot(
