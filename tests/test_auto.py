@@ -384,31 +384,27 @@ def _scripted(table: dict, clock: list[float], step: float = 0.0):
     return run
 
 
-@pytest.mark.parametrize("step", [0.0, 90.0])
-def test_a_second_look_lets_fine_tuning_rank_where_features_were_last_scored(step):
+@pytest.mark.parametrize("step", [200.0, 500.0])
+def test_a_second_look_lets_fine_tuning_rank_on_more_images_where_the_final_leaves_time(step):
     """Pilots on part of the data favour features; where the features' final run leaves the time,
-    the best fine-tuning pilot runs where the survivors did and wins if it scores higher there."""
-    items = [(f"{i}.jpg", i % 10) for i in range(5000)]
-    split = DataSplit([str(c) for c in range(10)], items[:4000], items[4000:], "folders")
-    profile = DataProfile(4000, 1000, 10, 400, 32)
-    feats = [c for c in grid(profile, speed()) if c.kind == "features"]
-    cands = [*feats, next(c for c in grid(profile, speed()) if c.kind == "prefix")]
-    table = {
-        "extract 1": (0.70, 0.75),
-        "extract 3": (0.69, 0.74),
-        "linear-probe 1": (0.6,),
-        "prefix": (0.5, 0.8),
-    }
-    cfg = TrainConfig(data="d", strategy="auto", budget="10m").resolved()
+    they and the best fine-tuning pilot run again on more images, and the higher there trains."""
+    items = [(f"{i}.jpg", i % 10) for i in range(20_000)]
+    split = DataSplit([str(c) for c in range(10)], items[:16_000], items[16_000:], "folders")
+    profile, sp = DataProfile(16_000, 4000, 10, 1600, 32), speed(forward={"efficientnet_lite0": 20.0})
+    feats = [c for c in grid(profile, sp) if c.kind == "features"]
+    cands = [*feats, next(c for c in grid(profile, sp) if c.kind == "prefix")]
+    table = {"extract 1": (0.70, 0.75, 0.76), "extract 3": (0.69, 0.74), "linear-probe 1": (0.6,),
+             "prefix": (0.5, 0.8)}  # fmt: skip
+    cfg = TrainConfig(data="d", strategy="auto", budget="1h").resolved()
     record, clock = {"stages": []}, [0.0]
     run = _scripted(table, clock, step)
-    winner = search.halving(cfg, cands, split, speed(), Budget(600, lambda: clock[0]), record, run)
+    winner = search.halving(cfg, cands, split, sp, Budget(3600, lambda: clock[0]), record, run)
     names = [s["name"] for s in record["stages"]]
-    assert record["stages"][0]["train_images"] < 3200  # the pilots saw part of the inner split
     assert [len(s["candidates"]) for s in record["stages"][:2]] == [4, 2]
-    if not step:
+    if step == 200:  # 1,200 s of a 3,600-s budget spent on the search: time for a look
         assert names == ["pilots", "survivors", "second look"] and winner.kind == "prefix"
         look, survivors = record["stages"][2], record["stages"][1]
-        assert (look["train_images"], look["epochs"]) == (survivors["train_images"], survivors["epochs"])
-    else:  # the search took all but 60 s: no time for a look and fine-tuning's final run
+        assert [c["name"] for c in look["candidates"]] == ["extract", winner.name]
+        assert look["train_images"] > survivors["train_images"] and look["epochs"] == 3
+    else:  # the search took 3,000 s: no time for a look besides the final run
         assert "second look" not in names and winner.name == "extract"

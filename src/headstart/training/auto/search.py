@@ -190,7 +190,7 @@ def halving(
             logs.info(f"auto: {len(dropped)} candidates left out to fit the budget: "
                       f"{', '.join(dropped)}")  # fmt: skip
         record["stages"].append(_run_stage(cfg, name, alive, subs, epochs, cost, speed, run, budget.clock))
-        last = (subs, epochs)
+        last = (stage_parts, subs)
         # folds: every fold's score counts alike; one split: the second stage (more images and
         # epochs) outranks the pilots, whose few images favour the fastest learners
         only = len(subs) if k == 1 else None
@@ -224,32 +224,29 @@ def _run_stage(cfg, name: str, cands, subs: list[DataSplit], epochs: int, cost: 
     return stage
 
 
-def _second_look(cfg, winner: Candidate, candidates, subs: list[DataSplit], epochs: int, split: DataSplit,
-                 speed: Speed, budget: Budget, record: dict, run: Callable) -> Candidate:  # fmt: skip
-    """Where the pilots saw part of the data and the winner's final run will not need all the time
-    left (features train in seconds), the best pilot of each other family runs where the winner
-    was last scored, as time allows, and ranks against it there: few pilot images favour features."""
-    ran = {e["name"] for e in record["stages"][-1]["candidates"]}
-    best: dict = {}
-    for c in candidates:
-        score = c.scores[0].get("accuracy") if c.scores else None
-        if score is None or c.name in ran or _family(c) == _family(winner):
-            continue
-        if _family(c) not in best or score > best[_family(c)].scores[0]["accuracy"]:
-            best[_family(c)] = c
-    n, m = len(split.train), len(split.val)
-    for c in sorted(best.values(), key=lambda c: -c.scores[0]["accuracy"]):
-        cost = sum(predict(c, speed, s, epochs) for s in subs)
-        most = FINAL_EPOCHS.get(winner.kind, (1, 1))[1]
-        keep = seconds(winner, speed, n=n, m=m, epochs=most)  # the winner's final, at its most epochs
-        fewest = FINAL_EPOCHS.get(c.kind, (1, 1))[0]
-        if cost + max(keep, seconds(c, speed, n=n, m=m, epochs=fewest)) > SAFETY * budget.left():
-            continue
-        stage = _run_stage(cfg, "second look", [c], subs, epochs, cost, speed, run, budget.clock)
-        record["stages"].append(stage)
-        if _mean(c, len(subs)) is not None and _mean(c, len(subs)) < _mean(winner, len(subs)):
-            logs.info(f"auto: {c.name} ranks above {winner.name} on the same images: it trains instead")
-            winner = c
+def _second_look(cfg, winner: Candidate, candidates, parts: list[DataSplit], subs: list[DataSplit],
+                 split: DataSplit, speed: Speed, budget: Budget, record: dict,
+                 run: Callable) -> Candidate:  # fmt: skip
+    """Where the pilots saw part of the data and the winner's final run leaves time (features train
+    in seconds), the winner and the best pilot of another kind (features, fine-tuning on cached
+    maps, on images) run again on more images and 3 epochs, as time allows, and the higher there
+    trains: few pilot images favour features over fine-tuning."""
+    others = [c for c in candidates if c.scores and c.kind != winner.kind and c.scores[0].get("accuracy")]
+    if not others:
+        return winner
+    c = max(others, key=lambda c: c.scores[0]["accuracy"])
+    keep = final_seconds(winner, speed, split, FINAL_EPOCHS.get(winner.kind, (1, 1))[1])  # at its most epochs
+    final = max(keep, final_seconds(c, speed, split, FINAL_EPOCHS.get(c.kind, (1, 1))[0]))
+    more = len(subs[0].train) + 1  # more images than the survivors saw, or no look
+    look, cost = _fit_stage([winner, c], parts, speed, 3, SAFETY * budget.left() - final, cfg.seed, more)
+    if look is None or len(look[0].train) < more:
+        return winner
+    record["stages"].append(
+        _run_stage(cfg, "second look", [winner, c], look, 3, cost, speed, run, budget.clock)
+    )
+    if _mean(c, len(look)) is not None and _mean(c, len(look)) < _mean(winner, len(look)):
+        logs.info(f"auto: {c.name} ranks above {winner.name} on more images: it trains instead")
+        return c
     return winner
 
 
@@ -420,12 +417,10 @@ class _Final:
 def final_config(cfg, c: Candidate, speed: Speed, split: DataSplit, budget: Budget) -> _Final:
     """The winner on the whole training split with as many epochs as fit in what is left (on a
     stratified subset of it, where even the fewest epochs on all of it would not fit)."""
-    n, m, left = len(split.train), len(split.val), SAFETY * budget.left()
-    done = speed.extracted.get(extraction_key(c), set())
-    seen = sum(p in done for p, _ in split.train) / max(1, n)  # training images the search extracted
+    n, left = len(split.train), SAFETY * budget.left()
 
     def cost(n: int, epochs: int) -> float:
-        return seconds(c, speed, n=n, m=m, epochs=epochs, cached=seen * n / (n + m))
+        return final_seconds(c, speed, split, epochs, n)
 
     lo, hi = FINAL_EPOCHS.get(c.kind, (1, 1))
     while n > 10 * len(split.classes) and cost(n, lo) > left:
@@ -442,6 +437,16 @@ def final_config(cfg, c: Candidate, speed: Speed, split: DataSplit, budget: Budg
     }
     final = cfg.with_overrides({**options, "strategy": c.options["strategy"]})
     return _Final(final, options, cost(n, epochs), n)
+
+
+def final_seconds(c: Candidate, speed: Speed, split: DataSplit, epochs: int, n: int | None = None) -> float:
+    """Predicted seconds of `c`'s final run on n of the training images (all by default), counting
+    the training images whose features or maps the search left in the cache."""
+    n = len(split.train) if n is None else n
+    m = len(split.val)
+    done = speed.extracted.get(extraction_key(c), set())
+    seen = sum(p in done for p, _ in split.train) / max(1, len(split.train))
+    return seconds(c, speed, n=n, m=m, epochs=epochs, cached=seen * n / (n + m))
 
 
 @contextlib.contextmanager
