@@ -244,7 +244,8 @@ def _second_look(cfg, winner: Candidate, candidates, parts: list[DataSplit], sub
     record["stages"].append(
         _run_stage(cfg, "second look", [winner, c], look, 3, cost, speed, run, budget.clock)
     )
-    if _mean(c, len(look)) is not None and _mean(c, len(look)) < _mean(winner, len(look)):
+    theirs, ours = _mean(c, len(look)), _mean(winner, len(look))
+    if theirs is not None and (ours is None or theirs < ours):  # None: the run failed there
         logs.info(f"auto: {c.name} ranks above {winner.name} on more images: it trains instead")
         return c
     return winner
