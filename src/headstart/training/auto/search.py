@@ -27,7 +27,7 @@ from headstart.models.backbones import check_weights
 from headstart.training.auto.budget import Budget, parse_duration
 from headstart.training.auto.candidates import BASE, LARGER, RUN_OVERHEAD, Candidate, grid, seconds
 from headstart.training.auto.profile import DataProfile, Speed, measure
-from headstart.training.auto.splits import fold_count, folds, sample, subset
+from headstart.training.auto.splits import fold_count, folds, sample, stage_subsets
 
 SEARCH_SHARE = 0.45  # of the budget left after measuring: pilots and the second stage together
 SAFETY = 0.9  # plan to 90 % of the budget: predictions are estimates
@@ -164,7 +164,7 @@ def halving(
     search_budget = search_share(speed, split, budget.seconds) * budget.left()
     search_start = budget.clock()
     plan = [("pilots", parts[:1], 2), ("survivors", parts[1:] if k > 1 else parts, 2 if k > 1 else 3)]
-    alive, last, part_only = candidates, None, False
+    alive, survived, part_only = candidates, None, False
     for name, stage_parts, epochs in plan:
         if name == "survivors" and len(alive) < 2:
             break
@@ -190,7 +190,8 @@ def halving(
             logs.info(f"auto: {len(dropped)} candidates left out to fit the budget: "
                       f"{', '.join(dropped)}")  # fmt: skip
         record["stages"].append(_run_stage(cfg, name, alive, subs, epochs, cost, speed, run, budget.clock))
-        last = (stage_parts, subs)
+        if name == "survivors":
+            survived = (stage_parts, subs)
         # folds: every fold's score counts alike; one split: the second stage (more images and
         # epochs) outranks the pilots, whose few images favour the fastest learners
         only = len(subs) if k == 1 else None
@@ -199,8 +200,8 @@ def halving(
         if not alive:
             break
     winner = alive[0] if alive else candidates[0]
-    if part_only and last is not None and record["stages"][-1]["name"] == "survivors":
-        winner = _second_look(cfg, winner, candidates, *last, split, speed, budget, record, run)
+    if part_only and survived is not None:
+        winner = _second_look(cfg, winner, candidates, *survived, split, speed, budget, record, run)
     return winner
 
 
@@ -297,7 +298,7 @@ def _gives_way(alive: list[Candidate], parts: list[DataSplit], speed: Speed, epo
                n: int) -> Candidate:  # fmt: skip
     """The candidate to leave out: of the most numerous family, the one whose absence saves most
     (counting the cache its siblings share: a second learning rate on the same maps costs little)."""
-    subs = [subset(p, n, max(200, min(len(p.val), n // 2, 2000)), seed) for p in parts]
+    subs = stage_subsets(parts, n, seed)
     kinds = Counter(_family(c) for c in alive)
     pool = [c for c in alive if kinds[_family(c)] == max(kinds.values())]
     whole = _stage_cost(alive, subs, speed, epochs)
@@ -313,7 +314,7 @@ def _fit_stage(cands, parts: list[DataSplit], speed: Speed, epochs: int, seconds
     and what earlier runs of the stage will leave in it; (None, None) if none fits."""
     n = len(parts[0].train)
     while True:
-        subs = [subset(p, n, max(200, min(len(p.val), n // 2, 2000)), seed) for p in parts]
+        subs = stage_subsets(parts, n, seed)
         cost = _stage_cost(cands, subs, speed, epochs)
         if cost <= seconds_allowed:
             return subs, cost

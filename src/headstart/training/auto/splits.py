@@ -57,3 +57,8 @@ def sample(items: list[tuple[str, int]], n: int, seed: int) -> list[tuple[str, i
     if n >= len(items):
         return list(items)
     return sorted(stratified_split(items, n / len(items), seed)[1])  # its held-out part has n items
+
+
+def stage_subsets(parts: list[DataSplit], n: int, seed: int) -> list[DataSplit]:
+    """n training images of each part, and half as many of its held-out ones (200 to 2,000)."""
+    return [subset(p, n, max(200, min(len(p.val), n // 2, 2000)), seed) for p in parts]
