@@ -73,6 +73,13 @@ def test_frozen_work_is_priced_on_the_engine_that_runs_it():
     assert seconds(prefix, ort, n=1000, m=200, epochs=4) == pytest.approx(
         3 + 6 + 1200 / 500 + 4 * (1000 / 800 + 200 / 2400)  # 1200 img/s at 112 px: decoding bounds it
     )
+    # the search's share too: 1,000 + 1,000 images take 40 s at 50 img/s in PyTorch, over a tenth of
+    # a 5-minute budget (the final run needs the time), but 6 + 2000/300 s on ONNX Runtime
+    items = [(f"{i}.jpg", i % 10) for i in range(1000)]
+    split = DataSplit([str(c) for c in range(10)], items, items, "folders")
+    slow = {"efficientnet_lite0": 50.0}
+    assert search.search_share(speed(forward=slow), split, 300) == 0.3
+    assert search.search_share(dataclasses.replace(ort, forward=slow), split, 300) == search.SEARCH_SHARE
     # below the engine's threshold, and for a cache that holds everything, PyTorch's numbers as before
     small = dict(n=500, m=100, epochs=0)
     assert seconds(features, ort, **small) == seconds(features, speed(), **small)
@@ -344,6 +351,10 @@ def test_pilots_see_enough_images_and_the_most_numerous_kind_makes_way():
     half, fewer, _ = search.pilots_that_fit(cands, parts, sp, 2, 0.3 * sum(at_floor), 0, floor)
     assert len(half) == (len(cands) + 1) // 2 and len(fewer[0].train) < floor
     assert {search._family(c) for c in half} == {search._family(c) for c in cands}
+    # nor below 10 per class where that is the search's least: more give way instead (down to two)
+    few, per_class, _ = search.pilots_that_fit(cands, parts, sp, 2, 0.1 * sum(at_floor), 0, floor, 100)
+    assert len(per_class[0].train) >= 100 and 2 <= len(few) < len(half)
+    assert search.pilots_that_fit(cands, parts, sp, 2, 1.0, 0, floor, 100)[1] is None  # no pilots
     everyone, small, _ = search.pilots_that_fit(cands, parts, sp, 2, allowed, 0)  # no floor: as before
     assert everyone == cands and len(small[0].train) < floor
     # fewer images than the floor: all of them; many classes: 10 per class

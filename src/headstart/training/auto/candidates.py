@@ -92,6 +92,20 @@ def _prefix(backbone: str, groups: int, size: int, mult: float) -> Candidate:
     return Candidate(name, "prefix", options, size, backbone, groups=groups)
 
 
+def extraction_seconds(
+    speed: Speed, backbone: str, images: int, *, px: float = 1.0, cached: float = 0.0
+) -> float:
+    """Seconds to decode `images` images and run the frozen backbone over them once (features or
+    cached maps), on the engine that would: ONNX Runtime from MIN_IMAGES_FOR_ORT images on."""
+    todo = images * (1 - cached)
+    on_ort = speed.engine == ORT and images >= MIN_IMAGES_FOR_ORT and backbone in speed.engine_forward
+    if on_ort and cached < 1:
+        # features/engine.py: its rate, plus one export of the frozen part
+        rate = speed.engine_forward[backbone] / px
+        return speed.export_seconds + todo / max(1e-6, min(rate, speed.decode))
+    return todo / max(1e-6, min(speed.forward[backbone] / px, speed.decode))
+
+
 def seconds(c: Candidate, speed: Speed, *, n: int, m: int, epochs: int, cached: float = 0.0) -> float:
     """Predicted wall time of one run of `c` on n training and m validation images.
 
@@ -99,12 +113,7 @@ def seconds(c: Candidate, speed: Speed, *, n: int, m: int, epochs: int, cached: 
     """
     px = (c.size / REFERENCE) ** 2
     forward = speed.forward[c.backbone] / px
-    extract = (n + m) * (1 - cached) / max(1e-6, min(forward, speed.decode))
-    on_ort = speed.engine == ORT and n + m >= MIN_IMAGES_FOR_ORT and c.kind in ("features", "prefix")
-    if on_ort and cached < 1:
-        # frozen work on ONNX Runtime (features/engine.py): its rate, plus one export of the frozen part
-        frozen = speed.engine_forward[c.backbone] / px
-        extract = speed.export_seconds + (n + m) * (1 - cached) / max(1e-6, min(frozen, speed.decode))
+    extract = extraction_seconds(speed, c.backbone, n + m, px=px, cached=cached)
     epochs = c.epochs(epochs)
     factor = speed.correction.get(c.cost_kind, 1.0)
     if c.kind == "features":

@@ -10,12 +10,12 @@ from headstart.training.auto.budget import Budget, parse_duration
 from headstart.training.auto.candidates import grid
 from headstart.training.auto.profile import DataProfile, Speed
 from headstart.training.auto.search import (
+    PILOT_EPOCHS,
     SAFETY,
     affordable,
     final_config,
     measure_for,
-    pilot_floor,
-    pilots_that_fit,
+    plan_pilots,
     predict,
     search_share,
 )
@@ -33,14 +33,12 @@ def preview(cfg, *, speed: Speed | None = None) -> dict:
     candidates = affordable(everything, speed, profile, budget.left() * SAFETY)
     k = fold_count(split)
     first = folds(split, cfg.seed, k)[0]
-    share = search_share(speed, split, budget.seconds)
-    floor = pilot_floor(first, profile.classes)
-    allowed = 0.5 * share * budget.left()
-    piloted, subs, cost = pilots_that_fit(candidates, [first], speed, 2, allowed, cfg.seed, floor)
+    search_seconds = search_share(speed, split, budget.seconds) * budget.left()
+    piloted, subs, cost = plan_pilots(candidates, first, speed, profile.classes, search_seconds, cfg.seed)
     rows = []
     for c in everything:
         final = final_config(cfg, c, speed, split, budget)
-        pilot_s = round(predict(c, speed, subs[0], 2), 1) if subs and c in piloted else None
+        pilot_s = round(predict(c, speed, subs[0], PILOT_EPOCHS), 1) if subs and c in piloted else None
         rows.append(
             {
                 "name": c.name,

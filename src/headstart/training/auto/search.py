@@ -25,7 +25,15 @@ from headstart.core.errors import ConfigError, HeadstartError, RunInterrupted
 from headstart.data.layout import DataSplit, resolve_data
 from headstart.models.backbones import check_weights
 from headstart.training.auto.budget import Budget, parse_duration
-from headstart.training.auto.candidates import BASE, LARGER, RUN_OVERHEAD, Candidate, grid, seconds
+from headstart.training.auto.candidates import (
+    BASE,
+    LARGER,
+    RUN_OVERHEAD,
+    Candidate,
+    extraction_seconds,
+    grid,
+    seconds,
+)
 from headstart.training.auto.profile import DataProfile, Speed, measure
 from headstart.training.auto.splits import fold_count, folds, sample, stage_subsets
 
@@ -37,6 +45,7 @@ SAFETY = 0.9  # plan to 90 % of the budget: predictions are estimates
 # groups on cached maps 0.425; on 1,000 (a development split) the same recipes, 3 epochs, scored
 # 0.714 and 0.755; with this floor the 10m run chose the fine-tuning (test 0.850, before 0.767)
 PILOT_FLOOR = 500
+PILOT_EPOCHS = 2
 FINAL_EPOCHS = {"prefix": (2, 10), "images": (2, 10)}  # (fewest, most) epochs of the final run
 # budgets from which the costliest recipes join: lite2 and full fine-tuning (measured on the ant/bee
 # photos: full fine-tuning's pilot alone took 36 s of a 10-minute default run, and it scored lowest)
@@ -163,15 +172,17 @@ def halving(
     record["folds"] = k
     search_budget = search_share(speed, split, budget.seconds) * budget.left()
     search_start = budget.clock()
-    plan = [("pilots", parts[:1], 2), ("survivors", parts[1:] if k > 1 else parts, 2 if k > 1 else 3)]
+    plan = [
+        ("pilots", parts[:1], PILOT_EPOCHS),
+        ("survivors", parts[1:] if k > 1 else parts, 2 if k > 1 else 3),
+    ]
     alive, survived, part_only = candidates, None, False
     for name, stage_parts, epochs in plan:
         if name == "survivors" and len(alive) < 2:
             break
         if name == "pilots":
-            floor = pilot_floor(stage_parts[0], len(split.classes))
-            allowed = 0.5 * search_budget
-            alive, subs, cost = pilots_that_fit(alive, stage_parts, speed, epochs, allowed, cfg.seed, floor)
+            alive, subs, cost = plan_pilots(alive, stage_parts[0], speed, len(split.classes), search_budget,
+                                            cfg.seed)  # fmt: skip
             part_only = subs is not None and len(subs[0].train) < len(stage_parts[0].train)
         else:  # what the pilots left of the search's share, not a fixed half of it
             allowed = max(0.5 * search_budget, search_budget - (budget.clock() - search_start))
@@ -254,9 +265,10 @@ def _second_look(cfg, winner: Candidate, candidates, parts: list[DataSplit], sub
 
 def search_share(speed: Speed, split: DataSplit, budget_seconds: float) -> float:
     """The share of the budget the search may spend: less where merely extracting every image once
-    takes a good part of it (large data: the final run needs the time more than the pilots do)."""
-    rate = min(max(speed.forward.values()), speed.decode)
-    once = (len(split.train) + len(split.val)) / max(1e-6, rate)
+    takes a good part of it (large data: the final run needs the time more than the pilots do),
+    priced on the engine that would extract them (ONNX Runtime runs lite0 2.6x faster on 2 cores)."""
+    images = len(split.train) + len(split.val)
+    once = min(extraction_seconds(speed, b, images) for b in speed.forward)
     return SEARCH_SHARE if once < 0.1 * budget_seconds else 0.3
 
 
@@ -269,6 +281,13 @@ def _mean(c: Candidate, last: int | None = None) -> tuple[float, float] | None:
     return (-float(np.mean([s["accuracy"] for s in scores])), float(np.mean([s["loss"] for s in scores])))
 
 
+def plan_pilots(cands, first: DataSplit, speed: Speed, classes: int, search_seconds: float, seed: int):
+    """The pilots of a search that may spend `search_seconds`: half of it, on the first fold, at
+    least pilot_floor images each (pilots_that_fit); shared by the search and `headstart plan`."""
+    floor, least = pilot_floor(first, classes), min(len(first.train), 10 * classes)
+    return pilots_that_fit(cands, [first], speed, PILOT_EPOCHS, 0.5 * search_seconds, seed, floor, least)
+
+
 def pilot_floor(part: DataSplit, classes: int) -> int:
     """The fewest training images a pilot should see: PILOT_FLOOR (10 per class where more), or
     every image of the part where it holds fewer."""
@@ -276,14 +295,17 @@ def pilot_floor(part: DataSplit, classes: int) -> int:
 
 
 def pilots_that_fit(cands, parts: list[DataSplit], speed: Speed, epochs: int, seconds_allowed: float,
-                     seed: int, floor: int = 10):  # fmt: skip
+                     seed: int, floor: int = 10, fewest_images: int = 10):  # fmt: skip
     """_fit_stage for the pilots, on `floor` images or more where leaving out at most half of the
     candidates makes them fit; else the half that stays on fewer images, leaving out more (down to
-    two) only where even ten images do not fit. The most numerous family gives way first (features,
-    fine-tuning on cached maps, on images; of each backbone), the candidate whose absence saves
-    most: (the candidates that fit, their subsets, their predicted cost)."""
+    two) only where even `fewest_images` do not fit (the search passes 10 per class: on 3 per class,
+    5m on 1,000 CIFAR-10 images, pilots scored 0.18-0.46, noise, and cost nearly as much: the
+    held-out images dominate). The most numerous family gives way first (features, fine-tuning on
+    cached maps, on images; of each backbone), the candidate whose absence saves most: (the
+    candidates that fit, their subsets, their predicted cost)."""
     alive = list(cands)
-    for least, fewest in dict.fromkeys(((floor, max(2, (len(cands) + 1) // 2)), (10, 2))):
+    fewest_images = min(floor, fewest_images)
+    for least, fewest in dict.fromkeys(((floor, max(2, (len(cands) + 1) // 2)), (fewest_images, 2))):
         while True:
             subs, cost = _fit_stage(alive, parts, speed, epochs, seconds_allowed, seed, least)
             if subs is not None:
