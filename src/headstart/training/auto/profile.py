@@ -72,9 +72,10 @@ class Speed:
     suffix_train: dict[int, float] = field(default_factory=dict)  # unfrozen groups -> img/s on cached maps
     image_train: dict[int, float] = field(default_factory=dict)  # unfrozen groups -> img/s on images
     full_train: float = 0.0  # img/s on images with every layer training (0: not measured)
-    # actual / predicted seconds of the first pilot of each kind: what micro-benchmarks miss (loader
-    # processes competing with the model for 2 cores, say), applied to every later prediction
+    # actual / predicted seconds of the pilots of each kind (search.learn): what micro-benchmarks
+    # miss (loader processes competing with the model for 2 cores, say), applied to later predictions
     correction: dict[str, float] = field(default_factory=dict)
+    observed: dict[str, tuple] = field(default_factory=dict, repr=False)  # kind -> (actual, predicted) sums
     extracted: dict[str, set] = field(default_factory=dict, repr=False)  # cache key -> image paths in it
     seconds: float = 0.0  # what measuring cost
     # the frozen engine auto picks for large sets (features/engine.py): its forward img/s per
@@ -85,7 +86,7 @@ class Speed:
 
     def to_dict(self) -> dict:
         """Plain-JSON form (without the paths of what the search cached)."""
-        return {k: v for k, v in asdict(self).items() if k != "extracted"}
+        return {k: v for k, v in asdict(self).items() if k not in ("extracted", "observed")}
 
 
 def measure(
