@@ -149,7 +149,7 @@ def test_the_search_leaves_the_final_run_its_time_on_a_fake_clock(tmp_path, budg
     final = plan.record["final"]["predicted_seconds"]
     assert searched <= 1.2 * search.SEARCH_SHARE * seconds_total + 1  # pilots ran 20 % slower than predicted
     assert searched + final <= seconds_total
-    for stage in plan.record["stages"]:  # 20 % slower, learnt from the first run of each kind on
+    for stage in plan.record["stages"]:  # 20 % slower than measured, corrected from its first run on
         assert stage["actual_seconds"] <= 1.2 * stage["predicted_seconds"] + 1
     # learnt: 1.2, a little more on short runs (the fake clock slows the fixed overhead too)
     assert sp.correction and all(1.2 <= f <= 1.4 for f in sp.correction.values())
