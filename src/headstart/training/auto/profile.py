@@ -72,7 +72,7 @@ class Speed:
     suffix_train: dict[int, float] = field(default_factory=dict)  # unfrozen groups -> img/s on cached maps
     image_train: dict[int, float] = field(default_factory=dict)  # unfrozen groups -> img/s on images
     full_train: float = 0.0  # img/s on images with every layer training (0: not measured)
-    # actual / predicted seconds of the pilots of each kind (search.learn): what micro-benchmarks
+    # actual / predicted seconds of the pilots of each kind (candidates.learn): what micro-benchmarks
     # miss (loader processes competing with the model for 2 cores, say), applied to later predictions
     correction: dict[str, float] = field(default_factory=dict)
     observed: dict[str, tuple] = field(default_factory=dict, repr=False)  # kind -> (actual, predicted) sums

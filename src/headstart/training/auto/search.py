@@ -28,10 +28,10 @@ from headstart.training.auto.budget import Budget, parse_duration
 from headstart.training.auto.candidates import (
     BASE,
     LARGER,
-    RUN_OVERHEAD,
     Candidate,
     extraction_seconds,
     grid,
+    learn,
     seconds,
 )
 from headstart.training.auto.profile import DataProfile, Speed, measure
@@ -425,20 +425,6 @@ def pilot(
         f"(predicted {predicted:.0f}s)"
     )
     return entry
-
-
-def learn(speed: Speed, kind: str, predicted: float, actual: float) -> None:
-    """Fold one run's actual seconds into its kind's correction: summed actual over summed
-    uncorrected predicted time (less the fixed overhead) of every run of the kind so far, so long
-    runs weigh most. The first alone misled: on 5,000 CIFAR-10 images a cold 12 s pilot set 1.2,
-    and the final, predicted 258 s, took 197."""
-    factor = speed.correction.get(kind, 1.0)
-    raw = (predicted - RUN_OVERHEAD) / factor
-    if raw <= RUN_OVERHEAD:  # too short to tell the model's time from the overhead
-        return
-    done, planned = speed.observed.get(kind, (0.0, 0.0))
-    speed.observed[kind] = (done + max(0.0, actual - RUN_OVERHEAD), planned + raw)
-    speed.correction[kind] = min(4.0, max(0.5, speed.observed[kind][0] / speed.observed[kind][1]))
 
 
 @dataclass
