@@ -439,9 +439,10 @@ def final_config(cfg, c: Candidate, speed: Speed, split: DataSplit, budget: Budg
     """The winner on the whole training split with as many epochs as fit in what is left (on a
     stratified subset of it, where even the fewest epochs on all of it would not fit)."""
     n, left = len(split.train), SAFETY * budget.left()
+    seen = _cached_share(c, speed, split)  # once: cost() runs for every epoch count tried
 
     def cost(n: int, epochs: int) -> float:
-        return final_seconds(c, speed, split, epochs, n)
+        return final_seconds(c, speed, split, epochs, n, seen=seen)
 
     lo, hi = FINAL_EPOCHS.get(c.kind, (1, 1))
     while n > 10 * len(split.classes) and cost(n, lo) > left:
@@ -460,14 +461,21 @@ def final_config(cfg, c: Candidate, speed: Speed, split: DataSplit, budget: Budg
     return _Final(final, options, cost(n, epochs), n)
 
 
-def final_seconds(c: Candidate, speed: Speed, split: DataSplit, epochs: int, n: int | None = None) -> float:
+def final_seconds(c: Candidate, speed: Speed, split: DataSplit, epochs: int, n: int | None = None, *,
+                  seen: float | None = None) -> float:  # fmt: skip
     """Predicted seconds of `c`'s final run on n of the training images (all by default), counting
-    the training images whose features or maps the search left in the cache."""
+    the training images whose features or maps the search left in the cache (`seen`, their share,
+    where the caller has it)."""
     n = len(split.train) if n is None else n
     m = len(split.val)
-    done = speed.extracted.get(extraction_key(c), set())
-    seen = sum(p in done for p, _ in split.train) / max(1, len(split.train))
+    seen = _cached_share(c, speed, split) if seen is None else seen
     return seconds(c, speed, n=n, m=m, epochs=epochs, cached=seen * n / (n + m))
+
+
+def _cached_share(c: Candidate, speed: Speed, split: DataSplit) -> float:
+    """The share of the training images whose features or maps for `c` the search left in the cache."""
+    done = speed.extracted.get(extraction_key(c), set())
+    return sum(p in done for p, _ in split.train) / max(1, len(split.train))
 
 
 @contextlib.contextmanager
