@@ -46,6 +46,9 @@ def test_extract_writes_the_run_contract(tiny_split, tmp_path):
     assert res["frozen_tensors_changed"] == 0 and res["frozen_tensors_checked"] > 50
     assert res["trainable_tensors_changed"] == 2
     assert (res["num_train"], res["num_val"]) == (24, 10)
+    # the confusion matrix of the kept weights: every val image once, its diagonal is the accuracy
+    assert np.asarray(res["val_confusion"]).sum() == 10 and np.trace(res["val_confusion"]) == 10
+    assert res["val_balanced_accuracy"] == 1.0
     assert res["device"] == str(pick_device("auto"))
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert len(rows) == 12

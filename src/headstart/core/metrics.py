@@ -146,3 +146,35 @@ def balanced_class_weights(counts: list[int]) -> np.ndarray:
     if len(present):
         w[present] = compute_class_weight("balanced", classes=present, y=y)
     return w
+
+
+def balanced_accuracy(confusion: list[list[int]]) -> float:
+    """Mean recall over the classes present (rows: true, columns: predicted), as scikit-learn's."""
+    cm = np.asarray(confusion, dtype=np.float64)
+    support = cm.sum(axis=1)
+    present = support > 0
+    return float((np.diag(cm)[present] / support[present]).mean()) if present.any() else 0.0
+
+
+def unlearnt_classes(confusion: list[list[int]], classes: list[str]) -> str | None:
+    """A warning when some classes present in the data are never recognised (recall 0) and the
+    errors fall on the small classes (balanced accuracy 0.1 or more below accuracy), e.g. a model
+    that answers the largest class for everything; None otherwise (a few missed classes of one
+    image each, on balanced data, are noise, not this)."""
+    cm = np.asarray(confusion, dtype=np.int64)
+    support = cm.sum(axis=1)
+    missed = [i for i in range(len(classes)) if support[i] and cm[i, i] == 0]
+    accuracy = np.trace(cm) / max(cm.sum(), 1)
+    if not missed or (support > 0).sum() < 2 or accuracy - balanced_accuracy(confusion) < 0.1:
+        return None
+    names = ", ".join(f"{classes[i]!r} 0 of {support[i]}" for i in missed[:5])
+    more = f" and {len(missed) - 5} more" if len(missed) > 5 else ""
+    top = int(cm.sum(axis=0).argmax())
+    share = cm.sum(axis=0)[top] / max(cm.sum(), 1)
+    return (
+        f"warning: {len(missed)} of {int((support > 0).sum())} classes are never recognised on the "
+        f"validation images ({names}{more}); {share:.0%} of the answers are {classes[top]!r}, and the "
+        f"balanced accuracy is {balanced_accuracy(confusion):.4f}. Accuracy alone hides this when "
+        "classes are imbalanced: try --class-weights balanced, add images of those classes, or run "
+        "`headstart doctor DATA`."
+    )

@@ -93,6 +93,7 @@ def fit(run: Run, inputs: Inputs) -> Fitted:
         time.perf_counter() - started,
         state.bad_files,
         state.resumes,
+        val_confusion=best.get("confusion"),  # checkpoints of older versions lack it
     )
 
 
@@ -156,7 +157,11 @@ class LoopState:
         if not last and (va["acc"], -va["loss"]) <= (self.best["val_acc"], -self.best["val_loss"]):
             return False
         self.best.update(
-            val_acc=va["acc"], val_loss=va["loss"], epoch=epoch, state=trainable_state(self.run.model)
+            val_acc=va["acc"],
+            val_loss=va["loss"],
+            epoch=epoch,
+            state=trainable_state(self.run.model),
+            confusion=va.get("confusion"),
         )
         return True
 
@@ -316,9 +321,12 @@ def train_step(net: nn.Module, batch, run: Run, optimizer, scheduler) -> tuple[t
 
 @torch.inference_mode()
 def validate(net: nn.Module, loader, run: Run, bad: dict[str, str]) -> dict:
-    """Mean loss and accuracy over the val loader (all ranks summed); failed files go into `bad`."""
+    """Mean loss, accuracy and confusion matrix over the val loader (all ranks summed); failed files
+    go into `bad`."""
     net.eval()
     totals = new_totals()
+    k = len(run.split.classes)
+    confusion = torch.zeros(k * k, dtype=torch.int64)
     for batch in logs.progress(loader, desc="val", unit="batch"):
         bad.update({run.split.val[i][0]: why for i, why in batch.failed})
         if batch.x is None:
@@ -330,7 +338,11 @@ def validate(net: nn.Module, loader, run: Run, bad: dict[str, str]) -> dict:
             logits = net(x)
             loss = run.loss_fn(logits, y)
         add_batch(totals, loss, logits, y, run.head_spec.kind)
-    return epoch_result(totals, run)
+        pred = predict_labels(logits, run.head_spec.kind).cpu()
+        confusion += torch.bincount(y.cpu() * k + pred, minlength=k * k)
+    counts = all_sum([float(c) for c in confusion.tolist()], run.dist, run.device)
+    rows = [[int(c) for c in counts[i * k : (i + 1) * k]] for i in range(k)]
+    return epoch_result(totals, run) | {"confusion": rows}
 
 
 def new_totals() -> dict:

@@ -24,6 +24,12 @@ class RunResults:
 
     val_accuracy: float | None = _f(doc="validation accuracy of the saved weights")
     val_loss: float | None = _f(doc="validation cross-entropy of the saved weights")
+    val_balanced_accuracy: float | None = _f(
+        doc="mean recall over the classes in the validation split (equals accuracy when balanced)"
+    )
+    val_confusion: list[list[int]] | None = _f(
+        doc="validation confusion matrix of the saved weights: rows true class, columns predicted"
+    )
     best_epoch: int | None = _f(doc="epoch whose weights were saved (best validation accuracy)")
     epochs_run: int | None = _f(doc="epochs trained (fewer than --epochs after an early stop)")
     train_seconds: float | None = _f(doc="wall time of the whole run")

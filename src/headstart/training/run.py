@@ -20,7 +20,7 @@ from headstart.core import logs
 from headstart.core.distributed import barrier, shutdown
 from headstart.core.errors import DiskFull
 from headstart.core.files import CHECKPOINT, CONFIG, read_json
-from headstart.core.metrics import calibration_summary, fit_temperature
+from headstart.core.metrics import balanced_accuracy, calibration_summary, fit_temperature, unlearnt_classes
 from headstart.data.layout import DataSplit
 from headstart.models.freezing import compact_names
 from headstart.models.store import save_model
@@ -112,6 +112,8 @@ def finish(run: Run, inputs: Inputs, fitted: Fitted) -> TrainResult:
     results = RunResults(
         val_accuracy=fitted.val_acc,
         val_loss=fitted.val_loss,
+        val_balanced_accuracy=balanced_accuracy(fitted.val_confusion) if fitted.val_confusion else None,
+        val_confusion=fitted.val_confusion,
         best_epoch=fitted.best_epoch,
         epochs_run=len(fitted.metrics),
         train_seconds=round(time.perf_counter() - run.started, 3),
@@ -142,11 +144,15 @@ def finish(run: Run, inputs: Inputs, fitted: Fitted) -> TrainResult:
         (run.out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: model.safetensors is the result
         set_status(run.out, "finished")
     barrier(run.dist)
+    bal = results.val_balanced_accuracy
+    balanced = f", balanced {bal:.4f}" if bal is not None and abs(bal - results.val_accuracy) >= 0.01 else ""
     logs.info(
-        f"done: val accuracy {results.val_accuracy:.4f} (epoch {results.best_epoch}), frozen tensors changed "
-        f"{results.frozen_tensors_changed}/{results.frozen_tensors_checked}, {results.train_seconds:.1f}s "
-        f"-> {run.out}"
+        f"done: val accuracy {results.val_accuracy:.4f}{balanced} (epoch {results.best_epoch}), "
+        f"frozen tensors changed {results.frozen_tensors_changed}/{results.frozen_tensors_checked}, "
+        f"{results.train_seconds:.1f}s -> {run.out}"
     )
+    if fitted.val_confusion and (warning := unlearnt_classes(fitted.val_confusion, run.split.classes)):
+        logs.warning(warning)
     return TrainResult(run.out, results, fitted.metrics)
 
 

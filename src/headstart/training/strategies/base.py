@@ -49,6 +49,7 @@ class Fitted:
     bad_files: dict[str, str] = field(default_factory=dict)  # files that failed during the epochs
     resumes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # strategy-specific results.json entries
+    val_confusion: list[list[int]] | None = None  # of the kept weights; rows true, columns predicted
 
 
 class Strategy(ABC):

@@ -127,8 +127,8 @@ class LinearProbe(Extract):
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(fit.weight).float())
             linear.bias.copy_(torch.from_numpy(fit.bias).float())
-        tr_loss, tr_acc = score(run.model.head, inputs.train, run.device)
-        va_loss, va_acc = score(run.model.head, inputs.val, run.device)
+        tr_loss, tr_acc, _ = score(run.model.head, inputs.train, run.device)
+        va_loss, va_acc, confusion = score(run.model.head, inputs.val, run.device)
         logs.info(
             f"linear probe ({fit.classifier}, C={fit.C:g} by {fit.cv_folds}-fold CV on {fit.cv_samples} "
             f"images): train acc {tr_acc:.4f}, val loss {va_loss:.4f} acc {va_acc:.4f}, fit {seconds:.1f}s"
@@ -151,12 +151,13 @@ class LinearProbe(Extract):
             "probe_cv_folds": fit.cv_folds,
             "probe_cv_samples": fit.cv_samples,
         }
-        return Fitted([row], 1, va_acc, va_loss, None, seconds, extra=extra)
+        return Fitted([row], 1, va_acc, va_loss, None, seconds, extra=extra, val_confusion=confusion)
 
 
 @torch.inference_mode()
-def score(head: torch.nn.Module, ds, device) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of the head on a feature dataset."""
+def score(head: torch.nn.Module, ds, device) -> tuple[float, float, list[list[int]]]:
+    """Mean cross-entropy, accuracy and confusion matrix of the head on a feature dataset."""
     probs = probabilities(head(ds.x.float().to(device)), "linear").cpu().double().numpy()
-    y = ds.y.numpy()
-    return nll(probs, y), float((probs.argmax(1) == y).mean()) if len(y) else 0.0
+    y, k = ds.y.numpy(), probs.shape[1]
+    confusion = np.bincount(y * k + probs.argmax(1), minlength=k * k).reshape(k, k).tolist()
+    return nll(probs, y), float((probs.argmax(1) == y).mean()) if len(y) else 0.0, confusion
