@@ -13,7 +13,7 @@ import headstart
 from headstart.core.device import pick_device
 from headstart.core.errors import ConfigError
 
-from conftest import TINY
+from conftest import COLORS, TINY, make_class_tree, make_image
 
 FAST = dict(
     strategy="extract", backbone=TINY, weights="none", epochs=12, lr=0.05, batch_size=8, num_workers=0
@@ -61,6 +61,30 @@ def test_extract_writes_the_run_contract(tiny_split, tmp_path):
     assert cfg["options"]["lr"] == 0.05 and cfg["versions"]["torch"] == torch.__version__
     best = rows[res["best_epoch"] - 1]
     assert float(best["val_acc"]) == res["val_accuracy"]
+
+
+def test_a_class_never_recognised_is_named_at_the_end_of_the_run(tmp_path, caplog):
+    # the model learns red vs green; the one 'green' val image is red, so it is never recognised,
+    # and accuracy (5/6) hides what balanced accuracy (1/2) shows
+    data = tmp_path / "data"
+    make_class_tree(data / "train", per_class=12)
+    make_class_tree(data / "val", classes=("red",), per_class=5, seed=500)
+    make_image(data / "val" / "green" / "000.png", COLORS["red"], seed=900)
+    with caplog.at_level("WARNING", logger="headstart"):
+        r = headstart.train(data, output=tmp_path / "run", **FAST)
+    assert r.results.val_confusion == [[0, 1], [0, 5]]
+    assert r.results.val_accuracy == pytest.approx(5 / 6) and r.results.val_balanced_accuracy == 0.5
+    assert "1 of 2 classes are never recognised" in caplog.text and "'green' 0 of 1" in caplog.text
+    # auto's pilots train through the same function on inner splits: they never print it
+    from headstart.data.layout import resolve_data
+    from headstart.training.options import as_config
+    from headstart.training.run import run
+
+    caplog.clear()
+    cfg = as_config(None).with_overrides({**FAST, "data": str(data), "output": str(tmp_path / "pilot")})
+    with caplog.at_level("WARNING", logger="headstart"):
+        inner = run(cfg, split=resolve_data(data))
+    assert inner.results.val_confusion == [[0, 1], [0, 5]] and "never recognised" not in caplog.text
 
 
 def test_saved_model_predicts_identically_after_fresh_load(tiny_split, tmp_path):

@@ -67,6 +67,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, split: DataSplit | None = Non
     own split (auto's pilots train on an inner split of the training images)."""
     cfg = cfg.resolved()
     strategy = select(cfg)
+    pilot = split is not None  # auto's pilots: their inner splits are the plan's business, not the user's
     plan = None
     if hasattr(strategy, "choose") and not resume:  # auto: choose the recipe, then train it in the budget
         plan = strategy.choose(cfg, run=run)
@@ -84,7 +85,11 @@ def run(cfg: TrainConfig, *, resume: bool = False, split: DataSplit | None = Non
         try:
             inputs = strategy.inputs(r)
             fitted = strategy.fit(r, inputs)
-            return finish(r, inputs, fitted)
+            result = finish(r, inputs, fitted)
+            confusion = result.results.val_confusion
+            if not pilot and confusion and (warning := unlearnt_classes(confusion, r.split.classes)):
+                logs.warning(warning)
+            return result
         finally:
             shutdown(r.dist)
 
@@ -151,8 +156,6 @@ def finish(run: Run, inputs: Inputs, fitted: Fitted) -> TrainResult:
         f"frozen tensors changed {results.frozen_tensors_changed}/{results.frozen_tensors_checked}, "
         f"{results.train_seconds:.1f}s -> {run.out}"
     )
-    if fitted.val_confusion and (warning := unlearnt_classes(fitted.val_confusion, run.split.classes)):
-        logs.warning(warning)
     return TrainResult(run.out, results, fitted.metrics)
 
 
