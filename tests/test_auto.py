@@ -275,6 +275,21 @@ def test_on_one_split_the_larger_second_stage_decides_not_the_pilots():
     assert winner.name == "extract, 3 blocks"
 
 
+def test_rates_are_timed_longer_where_the_budget_can_pay_for_it(monkeypatch):
+    # a misread rate moves the whole plan; 2 s a rate cuts the spread between readings, and costs
+    # about 16 s on CIFAR-10, too much for a 2-minute budget, little for an hour
+    timed = []
+    monkeypatch.setattr(search, "measure", lambda split, backbones, **kw: timed.append(kw["min_seconds"]))
+    split = DataSplit(["a"], [("x.jpg", 0)] * 3000, [("v.jpg", 0)], "folders")
+    for budget in (120, 300, 600, 3600):
+        search.measure_for(TrainConfig(data="d", strategy="auto"), split, Budget(budget, lambda: 0.0))
+    assert timed == pytest.approx([0.6, 300 / 360, 600 / 360, 2.0])
+    # small data (the ant/bee photos: 398 images): the whole run is short, so measuring stays short
+    small = DataSplit(["a"], [("x.jpg", 0)] * 800, [("v.jpg", 0)] * 100, "folders")
+    search.measure_for(TrainConfig(data="d", strategy="auto"), small, Budget(3600, lambda: 0.0))
+    assert timed[-1] == 0.6
+
+
 def test_lite1_is_measured_for_small_data_lite2_and_full_for_long_budgets_only(monkeypatch):
     calls = []
     monkeypatch.setattr(

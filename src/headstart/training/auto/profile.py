@@ -18,7 +18,7 @@ from headstart.data.images import load_image
 from headstart.data.layout import DataSplit
 from headstart.data.loading import default_workers
 from headstart.data.transforms import Preprocess, eval_transform
-from headstart.features.engine import ORT, choose_engine, export_frozen, ort_session
+from headstart.features.engine import MIN_IMAGES_FOR_ORT, ORT, choose_engine, export_frozen, ort_session
 from headstart.features.prefix import split_model
 from headstart.models.backbones import create_backbone
 from headstart.models.fastpath import inference_model
@@ -87,6 +87,17 @@ class Speed:
     def to_dict(self) -> dict:
         """Plain-JSON form (without the paths of what the search cached)."""
         return {k: v for k, v in asdict(self).items() if k not in ("extracted", "observed")}
+
+
+def seconds_per_rate(budget_seconds: float, images: int) -> float:
+    """How long to time each rate: 0.6 s on short budgets and small data, up to 2 s from 12
+    minutes on. On the 2-core box, three 0.6-s readings of one rate differed by up to 1.85x,
+    three 2-s readings by up to 1.16x (docs/auto.md): a misread rate prices candidates in or out
+    of a long plan. Below MIN_IMAGES_FOR_ORT images the whole run takes a few minutes at most, and
+    the 10-20 s more would be a tenth of it."""
+    if images < MIN_IMAGES_FOR_ORT:
+        return 0.6
+    return min(2.0, max(0.6, budget_seconds / 360))
 
 
 def measure(

@@ -34,7 +34,7 @@ from headstart.training.auto.candidates import (
     learn,
     seconds,
 )
-from headstart.training.auto.profile import DataProfile, Speed, measure
+from headstart.training.auto.profile import DataProfile, Speed, measure, seconds_per_rate
 from headstart.training.auto.splits import fold_count, folds, sample, stage_subsets
 
 SEARCH_SHARE = 0.45  # of the budget left after measuring: pilots and the second stage together
@@ -131,8 +131,10 @@ def measure_for(cfg, split: DataSplit, budget: Budget) -> Speed:
     larger: list[str] = []
     if cfg.backbone == BASE and cfg.weights is None:
         larger = [*LARGER] if long else [*SHORT_BUDGET_LARGER] if fold_count(split) > 1 else []
+    images = len(split.train) + len(split.val)
     return measure(split, [cfg.backbone, *larger], device=cfg.device, weights=cfg.weights,
-                   frozen_engine=cfg.frozen_engine, full=long)  # fmt: skip
+                   frozen_engine=cfg.frozen_engine, full=long,
+                   min_seconds=seconds_per_rate(budget.seconds, images))  # fmt: skip
 
 
 def options_auto_chooses(cfg) -> list[str]:
