@@ -87,6 +87,19 @@ def test_a_class_never_recognised_is_named_at_the_end_of_the_run(tmp_path, caplo
     assert inner.results.val_confusion == [[0, 1], [0, 5]] and "never recognised" not in caplog.text
 
 
+def test_confusion_matrix_is_kept_out_of_results_json_above_100_classes(tmp_path):
+    data = tmp_path / "data"
+    for part, n in (("train", 2), ("val", 1)):
+        for c in range(101):
+            for i in range(n):
+                color = (c * 2, 255 - c * 2, (c * 37) % 256)
+                make_image(data / part / f"c{c:03d}" / f"{i}.png", color, seed=c)
+    r = headstart.train(data, output=tmp_path / "run", **{**FAST, "epochs": 1})
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "val_confusion" not in res and r.results.val_confusion is None
+    assert 0 <= res["val_balanced_accuracy"] <= 1  # still computed from the matrix
+
+
 def test_saved_model_predicts_identically_after_fresh_load(tiny_split, tmp_path):
     r = headstart.train(tiny_split, output=tmp_path / "run", **FAST)
     files = sorted(str(p) for p in (tiny_split / "val").rglob("*.png"))

@@ -28,7 +28,7 @@ class RunResults:
         doc="mean recall over the classes in the validation split (equals accuracy when balanced)"
     )
     val_confusion: list[list[int]] | None = _f(
-        doc="validation confusion matrix of the saved weights: rows true class, columns predicted"
+        doc="val confusion matrix of the saved weights (rows true, columns predicted; up to 100 classes)"
     )
     best_epoch: int | None = _f(doc="epoch whose weights were saved (best validation accuracy)")
     epochs_run: int | None = _f(doc="epochs trained (fewer than --epochs after an early stop)")

@@ -86,7 +86,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, split: DataSplit | None = Non
             inputs = strategy.inputs(r)
             fitted = strategy.fit(r, inputs)
             result = finish(r, inputs, fitted)
-            confusion = result.results.val_confusion
+            confusion = fitted.val_confusion
             if not pilot and confusion and (warning := unlearnt_classes(confusion, r.split.classes)):
                 logs.warning(warning)
             return result
@@ -118,7 +118,8 @@ def finish(run: Run, inputs: Inputs, fitted: Fitted) -> TrainResult:
         val_accuracy=fitted.val_acc,
         val_loss=fitted.val_loss,
         val_balanced_accuracy=balanced_accuracy(fitted.val_confusion) if fitted.val_confusion else None,
-        val_confusion=fitted.val_confusion,
+        # up to 100 classes: 1,000 would put a million numbers in results.json
+        val_confusion=fitted.val_confusion if len(run.split.classes) <= 100 else None,
         best_epoch=fitted.best_epoch,
         epochs_run=len(fitted.metrics),
         train_seconds=round(time.perf_counter() - run.started, 3),

@@ -93,8 +93,8 @@ def seconds_per_rate(budget_seconds: float, images: int) -> float:
     """How long to time each rate: 0.6 s on short budgets and small data, up to 2 s from 12
     minutes on. On the 2-core box, three 0.6-s readings of one rate differed by up to 1.85x,
     three 2-s readings by up to 1.16x (docs/auto.md): a misread rate prices candidates in or out
-    of a long plan. Below MIN_IMAGES_FOR_ORT images the whole run takes a few minutes at most, and
-    the 10-20 s more would be a tenth of it."""
+    of a long plan. Below MIN_IMAGES_FOR_ORT images runs are short (about 2 minutes on the ant/bee
+    photos), and 10-20 s more would be a tenth of that."""
     if images < MIN_IMAGES_FOR_ORT:
         return 0.6
     return min(2.0, max(0.6, budget_seconds / 360))
