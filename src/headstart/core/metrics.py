@@ -148,6 +148,12 @@ def balanced_class_weights(counts: list[int]) -> np.ndarray:
     return w
 
 
+def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
+    """[k, k] int64 counts, rows true class, columns predicted (summable across batches and ranks)."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+
+
 def balanced_accuracy(confusion: list[list[int]]) -> float:
     """Mean recall over the classes present (rows: true, columns: predicted), as scikit-learn's."""
     cm = np.asarray(confusion, dtype=np.float64)
@@ -162,19 +168,18 @@ def unlearnt_classes(confusion: list[list[int]], classes: list[str]) -> str | No
     that answers the largest class for everything; None otherwise (a few missed classes of one
     image each, on balanced data, are noise, not this)."""
     cm = np.asarray(confusion, dtype=np.int64)
-    support = cm.sum(axis=1)
+    support, answers, total = cm.sum(axis=1), cm.sum(axis=0), max(int(cm.sum()), 1)
     missed = [i for i in range(len(classes)) if support[i] and cm[i, i] == 0]
-    accuracy = np.trace(cm) / max(cm.sum(), 1)
-    if not missed or (support > 0).sum() < 2 or accuracy - balanced_accuracy(confusion) < 0.1:
+    balanced = balanced_accuracy(confusion)
+    if not missed or (support > 0).sum() < 2 or np.trace(cm) / total - balanced < 0.1:
         return None
     names = ", ".join(f"{classes[i]!r} 0 of {support[i]}" for i in missed[:5])
     more = f" and {len(missed) - 5} more" if len(missed) > 5 else ""
-    top = int(cm.sum(axis=0).argmax())
-    share = cm.sum(axis=0)[top] / max(cm.sum(), 1)
+    top = int(answers.argmax())
     return (
         f"warning: {len(missed)} of {int((support > 0).sum())} classes are never recognised on the "
-        f"validation images ({names}{more}); {share:.0%} of the answers are {classes[top]!r}, and the "
-        f"balanced accuracy is {balanced_accuracy(confusion):.4f}. Accuracy alone hides this when "
+        f"validation images ({names}{more}); {answers[top] / total:.0%} of the answers are "
+        f"{classes[top]!r}, and the balanced accuracy is {balanced:.4f}. Accuracy alone hides this when "
         "classes are imbalanced: try --class-weights balanced, add images of those classes, or run "
         "`headstart doctor DATA`."
     )

@@ -22,6 +22,7 @@ from headstart.core.device import autocast_for, to_device
 from headstart.core.distributed import all_sum, shard
 from headstart.core.errors import RunInterrupted, TrainingDiverged
 from headstart.core.files import CHECKPOINT, METRICS
+from headstart.core.metrics import confusion_counts
 from headstart.data.images import explain_failure, load_image
 from headstart.data.layout import Skipped
 from headstart.data.loading import SlicedBatches, default_workers, make_loader, worker_death
@@ -326,7 +327,7 @@ def validate(net: nn.Module, loader, run: Run, bad: dict[str, str]) -> dict:
     net.eval()
     totals = new_totals()
     k = len(run.split.classes)
-    confusion = torch.zeros(k * k, dtype=torch.int64)
+    confusion = np.zeros((k, k), dtype=np.int64)
     for batch in logs.progress(loader, desc="val", unit="batch"):
         bad.update({run.split.val[i][0]: why for i, why in batch.failed})
         if batch.x is None:
@@ -338,11 +339,10 @@ def validate(net: nn.Module, loader, run: Run, bad: dict[str, str]) -> dict:
             logits = net(x)
             loss = run.loss_fn(logits, y)
         add_batch(totals, loss, logits, y, run.head_spec.kind)
-        pred = predict_labels(logits, run.head_spec.kind).cpu()
-        confusion += torch.bincount(y.cpu() * k + pred, minlength=k * k)
-    counts = all_sum([float(c) for c in confusion.tolist()], run.dist, run.device)
-    rows = [[int(c) for c in counts[i * k : (i + 1) * k]] for i in range(k)]
-    return epoch_result(totals, run) | {"confusion": rows}
+        pred = predict_labels(logits, run.head_spec.kind)
+        confusion += confusion_counts(y.cpu().numpy(), pred.cpu().numpy(), k)
+    summed = np.asarray(all_sum(confusion.ravel().tolist(), run.dist, run.device), dtype=np.int64)
+    return epoch_result(totals, run) | {"confusion": summed.reshape(k, k).tolist()}
 
 
 def new_totals() -> dict:

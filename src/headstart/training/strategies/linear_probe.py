@@ -17,7 +17,7 @@ import torch
 from headstart.core import logs
 from headstart.core.errors import ConfigError
 from headstart.core.files import METRICS
-from headstart.core.metrics import nll, probabilities
+from headstart.core.metrics import confusion_counts, nll, probabilities
 from headstart.training.rundir import MetricsLog
 from headstart.training.setup import Run
 from headstart.training.strategies.base import Fitted, Inputs
@@ -158,6 +158,6 @@ class LinearProbe(Extract):
 def score(head: torch.nn.Module, ds, device) -> tuple[float, float, list[list[int]]]:
     """Mean cross-entropy, accuracy and confusion matrix of the head on a feature dataset."""
     probs = probabilities(head(ds.x.float().to(device)), "linear").cpu().double().numpy()
-    y, k = ds.y.numpy(), probs.shape[1]
-    confusion = np.bincount(y * k + probs.argmax(1), minlength=k * k).reshape(k, k).tolist()
+    y = ds.y.numpy()
+    confusion = confusion_counts(y, probs.argmax(1), probs.shape[1]).tolist()
     return nll(probs, y), float((probs.argmax(1) == y).mean()) if len(y) else 0.0, confusion
