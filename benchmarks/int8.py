@@ -1,6 +1,6 @@
 """int8 vs float ONNX vs the PyTorch fast path, on the same validation images, in one run.
 
-    python benchmarks/int8.py RUN [--seconds 5] [--min-agreement 0.99 --max-drop 0.5]
+    python benchmarks/int8.py RUN [--seconds 5] [--min-agreement 0.99 --max-drop 0.5] [--no-bias-correction]
 
 Exports RUN/model.onnx and RUN/model.int8.onnx (through the accuracy gate), then measures each
 engine model-only (a batch of 32 preprocessed images already in memory, rounds interleaved so a
@@ -33,9 +33,11 @@ def main() -> None:
         "--min-agreement", type=float, default=0.99, help="the gate (loosen to measure a refused model)"
     )
     ap.add_argument("--max-drop", type=float, default=0.5)
+    ap.add_argument("--no-bias-correction", action="store_true", help="int8 weights without bias correction")
     a = ap.parse_args()
     t = time.perf_counter()
     gate = {"min_agreement": a.min_agreement, "max_drop": a.max_drop}
+    gate["bias_correction"] = not a.no_bias_correction
     r = export(a.run, format="onnx", quantize="int8", gate=gate)
     print(f"export + int8 gate: {time.perf_counter() - t:.0f}s; recipe: {r.int8.attempts[-1].describe()}")
     predictor = load(a.run, device="cpu")

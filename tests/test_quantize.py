@@ -50,6 +50,7 @@ def test_a_normal_calibration_passes_the_gate_and_predicts_like_float(exported):
     gate = read_onnx_metadata(r.path)["quantization"]["gate"]
     assert json.loads((exported / "model.int8.onnx.json").read_text())["quantization"]["gate"] == gate
     assert gate["passed"] and gate["agreement"] >= 0.99 and gate["drop_points"] <= 0.5
+    assert gate["bias_corrected"] and "bias-corrected" in read_onnx_metadata(r.path)["quantization"]["format"]
     assert 0 < gate["set_agreement"] <= 1 and 0 < gate["reject_agreement"] <= 1  # reported
     # the int8 model carries its own rejection threshold, fitted on its scores of the validation images
     float_meta, int8_meta = read_onnx_metadata(exported / "model.onnx"), read_onnx_metadata(r.path)
@@ -83,6 +84,12 @@ def test_cli_export_quantize(exported):
     assert "int8 gate on 24 validation images" in r.stdout and "x smaller" in r.stdout
     meta = json.loads((exported / "model.onnx.json").read_text())
     assert "quantization" not in meta  # the float model's sidecar is the float model's
+    int8_meta = json.loads((exported / "model.int8.onnx.json").read_text())["quantization"]
+    assert int8_meta["format"].endswith("bias-corrected") and int8_meta["gate"]["bias_corrected"]
+    r = run_cli("export", exported, "--quantize", "int8", "--calibration-images", "8", "--no-bias-correction")
+    assert r.returncode == 0, r.stderr
+    int8_meta = json.loads((exported / "model.int8.onnx.json").read_text())["quantization"]
+    assert "bias" not in int8_meta["format"] and not int8_meta["gate"]["bias_corrected"]
     r = run_cli("export", exported, "--format", "torchscript", "--quantize", "int8")
     assert r.returncode == 2 and "works with --format onnx" in r.stderr
 
@@ -107,6 +114,7 @@ def test_every_fallback_is_tried_in_order_and_reported(exported, tmp_path):
         "dynamic int8 (weights only calibrated)",
     ]
     floats = [int(re.search(r"(\d+) nodes in float", x).group(1)) for x in lines]
+    assert [a.bias_corrected for a in e.value.attempts] == [True] * 7 + [False]  # static ones only
     front, ends, drift = floats[1:4], floats[4], floats[5:7]
     assert floats[0] < front[0] <= front[1] <= front[2] and front[0] < front[2]  # convs from the input on
     assert floats[0] + 2 == ends < drift[0] <= drift[1]  # ends: the first and the last convolution
@@ -173,3 +181,77 @@ def test_large_matrices_after_the_last_convolution_are_stored_as_float16(tmp_pat
     assert path.stat().st_size < 0.8 * size
     after = onnx_session(path).run(None, {"x": x})[0]
     assert np.abs(after - before).max() <= 1e-3 * np.abs(before).max()
+
+
+def _conv_model(path: Path, w: np.ndarray, bias: np.ndarray | None, group: int) -> None:
+    """image -> Conv (no padding) -> y, as a float ONNX file."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(w.astype(np.float32), "w")]
+    inputs = ["image", "w"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias.astype(np.float32), "b"))
+        inputs.append("b")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", inputs, ["y"], name="conv", group=group)],
+        "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, w.shape[1] * group, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.parametrize(("group", "with_bias"), [(1, True), (8, False), (2, True)])
+def test_bias_correction_cancels_the_mean_shift_of_int8_weights(tmp_path, group, with_bias):
+    import onnx
+    from onnx import numpy_helper
+
+    from headstart.deploy.bias_correction import conv_input_means, int8_rounding_error, write_corrected
+    from headstart.inference.onnx import onnx_session
+
+    rng = np.random.default_rng(1)
+    out_ch, in_ch = 8, 8
+    w = rng.normal(size=(out_ch, in_ch // group, 3, 3))
+    w[0] *= 1e-3  # a channel of small weights: its own scale, its own error
+    bias = rng.normal(size=out_ch) if with_bias else None
+    # images constant per channel, far from zero mean: the mean shift is then exactly (Wq - W) . E[x]
+    x = np.broadcast_to(rng.uniform(1, 5, size=(32, in_ch, 1, 1)), (32, in_ch, 6, 6)).astype(np.float32)
+    src, fixed = tmp_path / "f.onnx", tmp_path / "c.onnx"
+    _conv_model(src, w, bias, group)
+    means = conv_input_means(src, x)
+    assert means["image"] == pytest.approx(x.mean(axis=(0, 2, 3)), rel=1e-6)
+    assert write_corrected(src, fixed, means, skip=set()) == 1
+    b_fixed = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(fixed)).graph.initializer}
+    b_fixed = b_fixed["b" if with_bias else "conv.corrected_bias"]
+    # the float model, and its int8-rounded weights with the corrected bias
+    y_float = onnx_session(src).run(None, {"image": x})[0].mean(axis=(0, 2, 3))
+    _conv_model(tmp_path / "q.onnx", w + int8_rounding_error(w), b_fixed, group)
+    y_int8w = onnx_session(tmp_path / "q.onnx").run(None, {"image": x})[0].mean(axis=(0, 2, 3))
+    _conv_model(tmp_path / "u.onnx", w + int8_rounding_error(w), bias, group)
+    y_uncorrected = onnx_session(tmp_path / "u.onnx").run(None, {"image": x})[0].mean(axis=(0, 2, 3))
+    assert np.abs(y_uncorrected - y_float).max() > 1e-3  # rounding moves the means ...
+    assert np.abs(y_int8w - y_float).max() < 2e-5  # ... and the corrected bias moves them back
+    assert write_corrected(src, tmp_path / "s.onnx", means, skip={"conv"}) == 0  # kept float: untouched
+
+
+def test_the_rounding_corrected_for_is_onnx_runtimes(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime import quantization as q
+
+    from headstart.deploy.bias_correction import int8_rounding_error
+    from headstart.deploy.quantize import _static
+
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(16, 8, 3, 3)) * rng.uniform(0.01, 2, size=(16, 1, 1, 1))
+    src, out = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    _conv_model(src, w, rng.normal(size=16), 1)
+    _static(q, src, out, rng.uniform(0, 1, size=(8, 8, 6, 6)).astype(np.float32), [])
+    model = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0].startswith("w"))
+    ort_w = inits[dq.input[0]].astype(np.float64) * inits[dq.input[1]].reshape(-1, 1, 1, 1)
+    assert inits[dq.input[0]].dtype == np.int8
+    assert np.abs(ort_w - (w + int8_rounding_error(w))).max() < 1e-6 * np.abs(w).max()

@@ -231,6 +231,11 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
         help="int8 gate: share of validation images with the float model's top-1",
     )
     p.add_argument("--max-drop", type=float, default=0.5, help="int8 gate: accuracy points it may lose")
+    p.add_argument(
+        "--no-bias-correction",
+        action="store_true",
+        help="int8: keep the float biases (by default they absorb the int8 weights' mean shift)",
+    )
     p.set_defaults(func=c.cmd_export)  # fmt: skip
 
 

@@ -264,7 +264,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         max_images=a.parity_images,
         quantize=a.quantize,
         gate={"calibration_images": a.calibration_images, "min_agreement": a.min_agreement,
-              "max_drop": a.max_drop},
+              "max_drop": a.max_drop, "bias_correction": not a.no_bias_correction},
     )  # fmt: skip
     print(f"exported {a.format} to {r.path} ({r.exporter}, {r.seconds:.1f}s); metadata {r.metadata_path}")
     if r.parity:

@@ -59,13 +59,15 @@ def _ort():
     return onnxruntime
 
 
-def onnx_session(path: str | os.PathLike, *, threads: int | None = None):
-    """A CPU ONNX Runtime session; `threads` defaults to the cores this process may use."""
+def onnx_session(path: str | os.PathLike | bytes, *, threads: int | None = None):
+    """A CPU ONNX Runtime session of a file (or a serialized model); `threads` defaults to the cores
+    this process may use."""
     ort = _ort()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or available_cores()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def resolve_onnx_path(run_or_file: str | os.PathLike) -> Path:
