@@ -275,6 +275,27 @@ def test_on_one_split_the_larger_second_stage_decides_not_the_pilots():
     assert winner.name == "extract, 3 blocks"
 
 
+@pytest.mark.parametrize("weights", ["none", "balanced"])
+def test_balanced_class_weights_rank_candidates_by_balanced_accuracy(weights):
+    """Where the user weights the classes, a recipe that neglects a rare class must not win on
+    accuracy over the common ones: the pilots are ranked by the mean recall over the classes."""
+    items = [(f"{i}.jpg", i % 10) for i in range(5000)]
+    split = DataSplit([str(c) for c in range(10)], items[:4000], items[4000:], "folders")
+    cands = [c for c in grid(DataProfile(4000, 1000, 10, 400, 32), speed()) if c.kind == "features"][:2]
+    table = {1: (0.80, 0.60), 3: (0.78, 0.75)}  # feature blocks -> (accuracy, balanced accuracy)
+
+    def run(cfg, split):
+        acc, bal = table[cfg.feature_blocks]
+        return TrainResult("", RunResults(val_accuracy=acc, val_balanced_accuracy=bal, val_loss=0.5), [])
+
+    cfg = TrainConfig(data="d", strategy="auto", budget="10m", class_weights=weights).resolved()
+    record = {"stages": []}
+    winner = search.halving(cfg, cands, split, speed(decode=20.0), Budget(600, lambda: 0.0), record, run)
+    assert winner.name == ("extract, 3 blocks" if weights == "balanced" else "extract")
+    entry = record["stages"][0]["candidates"][0]
+    assert entry["score"] == (entry["balanced_accuracy"] if weights == "balanced" else entry["accuracy"])
+
+
 def test_rates_are_timed_longer_where_the_budget_can_pay_for_it(monkeypatch):
     # a misread rate moves the whole plan; 2 s a rate cuts the spread between readings, and costs
     # about 16 s on CIFAR-10, too much for a 2-minute budget, little for an hour

@@ -18,8 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from headstart.core import logs
 from headstart.core.errors import ConfigError, HeadstartError, RunInterrupted
 from headstart.data.layout import DataSplit, resolve_data
@@ -35,6 +33,7 @@ from headstart.training.auto.candidates import (
     seconds,
 )
 from headstart.training.auto.profile import DataProfile, Speed, measure, seconds_per_rate
+from headstart.training.auto.scoring import held_out_scores, rank_key, score_of, selection_metric
 from headstart.training.auto.splits import fold_count, folds, sample, stage_subsets
 
 SEARCH_SHARE = 0.45  # of the budget left after measuring: pilots and the second stage together
@@ -87,6 +86,7 @@ def choose(
         "budget_seconds": budget.seconds,
         "profile": dataclasses.asdict(profile),
         "speed": speed.to_dict(),
+        "selected_by": selection_metric(cfg),
         "stages": [],
     }
     everything = grid(profile, speed, cfg.backbone)
@@ -208,7 +208,7 @@ def halving(
         # folds: every fold's score counts alike; one split: the second stage (more images and
         # epochs) outranks the pilots, whose few images favour the fastest learners
         only = len(subs) if k == 1 else None
-        ranked = sorted((c for c in alive if _mean(c, only) is not None), key=lambda c: _mean(c, only))
+        ranked = sorted((c for c in alive if rank_key(c, only) is not None), key=lambda c: rank_key(c, only))
         alive = ranked[: max(2, len(ranked) // 3)] if name == "pilots" else ranked[:1]
         if not alive:
             break
@@ -245,10 +245,10 @@ def _second_look(cfg, winner: Candidate, candidates, parts: list[DataSplit], sub
     in seconds), the winner and the best pilot of another kind (features, fine-tuning on cached
     maps, on images) run again on more images and 3 epochs, as time allows, and the higher there
     trains: few pilot images favour features over fine-tuning."""
-    others = [c for c in candidates if c.scores and c.kind != winner.kind and c.scores[0].get("accuracy")]
+    others = [c for c in candidates if c.scores and c.kind != winner.kind and score_of(c.scores[0])]
     if not others:
         return winner
-    c = max(others, key=lambda c: c.scores[0]["accuracy"])
+    c = max(others, key=lambda c: score_of(c.scores[0]))
     keep = final_seconds(winner, speed, split, FINAL_EPOCHS.get(winner.kind, (1, 1))[1])  # at its most epochs
     final = max(keep, final_seconds(c, speed, split, FINAL_EPOCHS.get(c.kind, (1, 1))[0]))
     more = len(subs[0].train) + 1  # more images than the survivors saw, or no look
@@ -258,7 +258,7 @@ def _second_look(cfg, winner: Candidate, candidates, parts: list[DataSplit], sub
     record["stages"].append(
         _run_stage(cfg, "second look", [winner, c], look, 3, cost, speed, run, budget.clock)
     )
-    theirs, ours = _mean(c, len(look)), _mean(winner, len(look))
+    theirs, ours = rank_key(c, len(look)), rank_key(winner, len(look))
     if theirs is not None and (ours is None or theirs < ours):  # None: the run failed there
         logs.info(f"auto: {c.name} ranks above {winner.name} on more images: it trains instead")
         return c
@@ -272,15 +272,6 @@ def search_share(speed: Speed, split: DataSplit, budget_seconds: float) -> float
     images = len(split.train) + len(split.val)
     once = min(extraction_seconds(speed, b, images) for b in speed.forward)
     return SEARCH_SHARE if once < 0.1 * budget_seconds else 0.3
-
-
-def _mean(c: Candidate, last: int | None = None) -> tuple[float, float] | None:
-    """Rank key from the held-out scores so far (the `last` ones only, if given): higher mean
-    accuracy, then lower mean loss."""
-    scores = [s for s in c.scores[-last if last else 0 :] if s.get("accuracy") is not None]
-    if not scores:
-        return None
-    return (-float(np.mean([s["accuracy"] for s in scores])), float(np.mean([s["loss"] for s in scores])))
 
 
 def plan_pilots(cands, first: DataSplit, speed: Speed, classes: int, search_seconds: float, seed: int):
@@ -409,7 +400,7 @@ def pilot(
     with tempfile.TemporaryDirectory(prefix="headstart-auto-") as tmp, _quiet():
         try:
             r = run(cfg.with_overrides({**options, "output": str(Path(tmp) / "run")}), split=split).results
-            entry |= {"accuracy": r.val_accuracy, "loss": r.val_loss}
+            entry |= held_out_scores(cfg, r)
             if key := extraction_key(c):  # later runs find these images in the cache
                 speed.extracted.setdefault(key, set()).update(p for p, _ in split.train + split.val)
         except RunInterrupted:  # Ctrl-C or SIGTERM: stop searching, not just this pilot
@@ -419,9 +410,8 @@ def pilot(
     entry["actual_seconds"] = round(clock() - t0, 1)
     learn(speed, c.cost_kind, predicted, entry["actual_seconds"])
     c.scores.append(entry)
-    acc = (
-        f"inner accuracy {entry['accuracy']:.4f}" if entry.get("accuracy") is not None else entry.get("error")
-    )
+    metric = selection_metric(cfg).replace("_", " ")
+    acc = f"inner {metric} {entry['score']:.4f}" if entry.get("accuracy") is not None else entry.get("error")
     logs.info(
         f"auto: {c.name} on {len(split.train)} images: {acc}, {entry['actual_seconds']:.0f}s "
         f"(predicted {predicted:.0f}s)"
