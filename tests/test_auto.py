@@ -378,6 +378,7 @@ def test_plan_previews_every_candidate_and_the_pilots_a_budget_allows(tmp_path, 
     left_out = [r for r in rows.values() if r["affordable"] and not r["piloted"]]
     assert bool(left_out) == (budget == "45s")  # the same candidates `train` would leave out
     assert p["pilot_seconds"] <= 0.5 * search.SEARCH_SHARE * parse_duration(budget)
+    assert p["selected_by"] == "accuracy"
 
 
 def test_pilots_see_enough_images_and_the_most_numerous_kind_makes_way():

@@ -68,3 +68,14 @@ def test_user_errors_are_one_paragraph(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("predict", tmp_path / "norun", "x.jpg")
     assert r.returncode == 2 and "run folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plan_prints_the_candidates_and_what_they_are_ranked_by(tiny_split):
+    base = ["plan", tiny_split, "--budget", "1m", "--backbone", TINY, "--weights", "none"]
+    r = run_cli(*base)
+    assert r.returncode == 0, r.stderr
+    assert "candidates are scored by accuracy on 3 folds" in r.stdout
+    assert "extract" in r.stdout and "final s" in r.stdout
+    r = run_cli(*base, "--class-weights", "balanced")
+    assert r.returncode == 0, r.stderr
+    assert "candidates are scored by balanced accuracy on 3 folds" in r.stdout

@@ -242,7 +242,7 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
 def _plan_parser(p: argparse.ArgumentParser) -> None:
     from headstart.training.options import TrainConfig
 
-    only = ("data", "budget", "backbone", "weights", "val", "val_fraction", "seed", "device")
+    only = ("data", "budget", "backbone", "weights", "val", "val_fraction", "seed", "device", "class_weights")
     p.set_defaults(option_dests=add_fields(p, TrainConfig, only=only, suppress=True), func=c.cmd_plan)
 
 

@@ -326,9 +326,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
         f"{sp['seconds']:.1f}s"
     )
     held_out = "3 folds" if p["folds"] == 3 else "one 80/20 split"
+    metric = p["selected_by"].replace("_", " ")
     print(
-        f"budget {p['budget_seconds'] / 60:.1f} min; candidates are scored on {held_out} of the training "
-        "images (the validation split is read once, by the final model)"
+        f"budget {p['budget_seconds'] / 60:.1f} min; candidates are scored by {metric} on {held_out} of "
+        "the training images (the validation split is read once, by the final model)"
     )
     pilots = (
         f"{p['pilot_images']} training + {p['pilot_val_images']} held-out images, predicted "

@@ -9,6 +9,7 @@ from headstart.data.layout import resolve_data
 from headstart.training.auto.budget import Budget, parse_duration
 from headstart.training.auto.candidates import grid
 from headstart.training.auto.profile import DataProfile, Speed
+from headstart.training.auto.scoring import selection_metric
 from headstart.training.auto.search import (
     PILOT_EPOCHS,
     SAFETY,
@@ -56,6 +57,7 @@ def preview(cfg, *, speed: Speed | None = None) -> dict:
         "profile": dataclasses.asdict(profile),
         "speed": speed.to_dict(),
         "folds": k,
+        "selected_by": selection_metric(cfg),
         "pilot_images": len(subs[0].train) if subs else None,
         "pilot_val_images": len(subs[0].val) if subs else None,
         "pilot_seconds": round(cost, 1) if cost else None,
