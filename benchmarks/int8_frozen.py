@@ -1,0 +1,126 @@
+"""Would int8 pay for frozen work? lite0's frozen feature extractor in float and in int8 (ONNX
+Runtime, static per-channel QDQ, bias-corrected: what `export --quantize int8` does), in one run:
+
+1. end to end, JPEG files -> pooled features on the first --limit images, float and int8 taking
+   turns twice (decode in loader workers, the engine in this process, as extraction runs);
+2. accuracy: a logistic regression fitted on the training split's features, scored on the
+   validation split, with both features from float, both from int8 (what an int8 extraction
+   would train and serve), and the float-fitted head on int8 features (a head trained on one
+   engine's features, served on the other's);
+3. how alike the features are (cosine similarity to float, per validation image).
+
+    PYTHONPATH=src python benchmarks/int8_frozen.py [DATA ...] [--limit N] [--calibration N]
+
+DATA is a folder with train/ and val/ (or test/) class folders; the ant/bee set by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _data import HYMENOPTERA
+from sklearn.linear_model import LogisticRegression
+
+from headstart.core.device import configure_threads
+from headstart.core.logs import configure
+from headstart.data.layout import resolve_data
+from headstart.data.loading import ImageDataset, make_loader
+from headstart.data.transforms import eval_transform
+from headstart.deploy.bias_correction import conv_input_means, write_corrected
+from headstart.deploy.quantize import _ort_quantization, _static
+from headstart.features.engine import export_frozen, ort_session
+from headstart.models.backbones import create_backbone
+from headstart.training.setup import preprocess_of
+
+
+def images(items, pp, *, ramp: bool = False):
+    """uint8 batches [B, 3, S, S] and labels, as the frozen engines receive them."""
+    ds = ImageDataset(items, eval_transform(pp, uint8=True), draft=pp.resize_size)
+    return make_loader(ds, batch_size=64, shuffle=False, ramp=ramp)
+
+
+def stacked(items, pp) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = zip(*((b.x.numpy(), b.y.numpy()) for b in images(items, pp)), strict=True)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def int8_models(float_path: Path, calibration: np.ndarray, tmp: Path) -> dict[str, Path]:
+    """Every convolution in int8, and the first 5 % of them kept in float (the gate's first fallback)."""
+    import onnx
+
+    q = _ort_quantization()
+    pre = tmp / "pre.onnx"
+    q.quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
+    convs = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv"]
+    means = conv_input_means(pre, calibration)
+    out = {}
+    for name, exclude in (("int8", []), ("int8, first 5 % float", convs[: math.ceil(0.05 * len(convs))])):
+        src, dst = tmp / f"{len(out)}.corrected.onnx", tmp / f"{len(out)}.onnx"
+        write_corrected(pre, src, means, skip=set(exclude))
+        _static(q, src, dst, calibration, exclude)
+        out[name] = dst
+    return out
+
+
+def features(session, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([session.run(None, {"image": x[i : i + 64]})[0] for i in range(0, len(x), 64)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("data", nargs="*", default=[HYMENOPTERA])
+    ap.add_argument("--limit", type=int, default=1500, help="images for the speed part")
+    ap.add_argument("--calibration", type=int, default=256, help="training images to calibrate on")
+    a = ap.parse_args()
+    configure(-1)
+    threads = configure_threads()
+    bb = create_backbone("efficientnet_lite0").eval()
+    pp = preprocess_of(bb)
+    for data in a.data:
+        split = resolve_data(data)
+        calib_items = random.Random(0).sample(split.train, min(a.calibration, len(split.train)))
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = {"float": export_frozen(bb, pp, key={"bench": "int8_frozen"}, folder=Path(tmp))}
+            t = time.perf_counter()
+            paths |= int8_models(paths["float"], stacked(calib_items, pp)[0], Path(tmp))
+            quantizing = time.perf_counter() - t
+            sessions = {k: ort_session(p) for k, p in paths.items()}
+            speed_items = (split.train + split.val)[: a.limit]
+            seconds = {k: [] for k in sessions}
+            for name in [*sessions, *sessions]:  # taking turns, twice
+                t = time.perf_counter()
+                for batch in images(speed_items, pp, ramp=True):
+                    sessions[name].run(None, {"image": batch.x.numpy()})
+                seconds[name].append(time.perf_counter() - t)
+            (x_tr, y_tr), (x_va, y_va) = stacked(split.train, pp), stacked(split.val, pp)
+            feats = {k: (features(s, x_tr), features(s, x_va)) for k, s in sessions.items()}
+        n = len(speed_items)
+        print(f"{data}: {len(split.train)} train / {len(split.val)} val, {threads} threads, "
+              f"{len(calib_items)} calibration images (loading them, quantizing both: "
+              f"{quantizing:.1f} s)")  # fmt: skip
+        base = min(seconds["float"])
+        fit = {k: LogisticRegression(max_iter=3000).fit(f[0], y_tr) for k, f in feats.items()}
+        acc_f = float((fit["float"].predict(feats["float"][1]) == y_va).mean())
+        for k in sessions:
+            line = f"  {k:22s} end to end {n / min(seconds[k]):6.1f} img/s ({base / min(seconds[k]):.2f}x)"
+            if k != "float":
+                f_va, g_va = feats["float"][1], feats[k][1]
+                cos = (f_va * g_va).sum(1) / (np.linalg.norm(f_va, axis=1) * np.linalg.norm(g_va, axis=1))
+                own = float((fit[k].predict(g_va) == y_va).mean())
+                mixed = float((fit["float"].predict(g_va) == y_va).mean())
+                line += (f", val accuracy {own:.4f} ({100 * (own - acc_f):+.2f} points), float-fitted head "
+                         f"on these features {mixed:.4f} ({100 * (mixed - acc_f):+.2f}), cosine to float "
+                         f"mean {cos.mean():.3f} min {cos.min():.3f}")  # fmt: skip
+            else:
+                line += f", val accuracy {acc_f:.4f}"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
