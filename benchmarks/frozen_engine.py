@@ -20,18 +20,15 @@ from pathlib import Path
 
 import torch
 from _data import HYMENOPTERA
+from _lite0 import frozen_lite0
 
-from headstart.core.device import configure_threads
-from headstart.core.logs import configure
 from headstart.data.layout import resolve_data
 from headstart.data.loading import ImageDataset, make_loader
 from headstart.data.transforms import eval_transform
 from headstart.features.engine import EngineChoice, EngineSource
 from headstart.features.extract import extract_features
-from headstart.models.backbones import create_backbone
 from headstart.models.fastpath import inference_model
 from headstart.training.run import train
-from headstart.training.setup import preprocess_of
 
 CPU = torch.device("cpu")
 
@@ -71,10 +68,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=1500, help="images for the speed part")
     ap.add_argument("--no-accuracy", action="store_true")
     a = ap.parse_args()
-    configure(-1)
-    threads = configure_threads()
-    bb = create_backbone("efficientnet_lite0").eval()
-    pp = preprocess_of(bb)
+    threads, bb, pp = frozen_lite0()
     for data in a.data:
         split = resolve_data(data)
         items = (split.train + split.val)[: a.limit]

@@ -25,18 +25,15 @@ from pathlib import Path
 
 import numpy as np
 from _data import HYMENOPTERA
+from _lite0 import frozen_lite0
 from sklearn.linear_model import LogisticRegression
 
-from headstart.core.device import configure_threads
-from headstart.core.logs import configure
 from headstart.data.layout import resolve_data
 from headstart.data.loading import ImageDataset, make_loader
 from headstart.data.transforms import eval_transform
 from headstart.deploy.bias_correction import conv_input_means, write_corrected
 from headstart.deploy.quantize import _ort_quantization, _static
 from headstart.features.engine import export_frozen, ort_session
-from headstart.models.backbones import create_backbone
-from headstart.training.setup import preprocess_of
 
 
 def images(items, pp, *, ramp: bool = False):
@@ -78,10 +75,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=1500, help="images for the speed part")
     ap.add_argument("--calibration", type=int, default=256, help="training images to calibrate on")
     a = ap.parse_args()
-    configure(-1)
-    threads = configure_threads()
-    bb = create_backbone("efficientnet_lite0").eval()
-    pp = preprocess_of(bb)
+    threads, bb, pp = frozen_lite0()
     for data in a.data:
         split = resolve_data(data)
         calib_items = random.Random(0).sample(split.train, min(a.calibration, len(split.train)))
