@@ -5,8 +5,8 @@ Runtime, static per-channel QDQ, bias-corrected: what `export --quantize int8` d
    turns twice (decode in loader workers, the engine in this process, as extraction runs);
 2. accuracy: a logistic regression fitted on the training split's features, scored on the
    validation split, with both features from float, both from int8 (what an int8 extraction
-   would train and serve), and the float-fitted head on int8 features (a head trained on one
-   engine's features, served on the other's);
+   would train and serve), and each head served on the other engine's features (a model trained
+   on int8 features, deployed on float, and the reverse);
 3. how alike the features are (cosine similarity to float, per validation image).
 
     PYTHONPATH=src python benchmarks/int8_frozen.py [DATA ...] [--limit N] [--calibration N]
@@ -108,9 +108,11 @@ def main() -> None:
                 cos = (f_va * g_va).sum(1) / (np.linalg.norm(f_va, axis=1) * np.linalg.norm(g_va, axis=1))
                 own = float((fit[k].predict(g_va) == y_va).mean())
                 mixed = float((fit["float"].predict(g_va) == y_va).mean())
+                back = float((fit[k].predict(f_va) == y_va).mean())
                 line += (f", val accuracy {own:.4f} ({100 * (own - acc_f):+.2f} points), float-fitted head "
-                         f"on these features {mixed:.4f} ({100 * (mixed - acc_f):+.2f}), cosine to float "
-                         f"mean {cos.mean():.3f} min {cos.min():.3f}")  # fmt: skip
+                         f"on these features {mixed:.4f} ({100 * (mixed - acc_f):+.2f}), this head on float "
+                         f"features {back:.4f} ({100 * (back - own):+.2f}), cosine to float mean "
+                         f"{cos.mean():.3f} min {cos.min():.3f}")  # fmt: skip
             else:
                 line += f", val accuracy {acc_f:.4f}"
             print(line)
