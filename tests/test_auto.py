@@ -296,6 +296,26 @@ def test_balanced_class_weights_rank_candidates_by_balanced_accuracy(weights):
     assert entry["score"] == (entry["balanced_accuracy"] if weights == "balanced" else entry["accuracy"])
 
 
+def test_a_recipe_that_fails_is_recorded_and_never_wins():
+    """A recipe that does not apply here (e.g. a backbone that cannot be split) is logged with its
+    error and no scores; the search goes on with the others."""
+    items = [(f"{i}.jpg", i % 10) for i in range(5000)]
+    split = DataSplit([str(c) for c in range(10)], items[:4000], items[4000:], "folders")
+    cands = [c for c in grid(DataProfile(4000, 1000, 10, 400, 32), speed()) if c.kind == "features"][:2]
+
+    def run(cfg, split):
+        if cfg.feature_blocks == 1:
+            raise ConfigError("this recipe does not apply here")
+        return TrainResult("", RunResults(val_accuracy=0.5, val_balanced_accuracy=0.5, val_loss=1.0), [])
+
+    cfg = TrainConfig(data="d", strategy="auto", budget="10m").resolved()
+    record = {"stages": []}
+    winner = search.halving(cfg, cands, split, speed(decode=20.0), Budget(600, lambda: 0.0), record, run)
+    assert winner.name == "extract, 3 blocks"
+    failed = next(e for e in record["stages"][0]["candidates"] if e["name"] == "extract")
+    assert failed["score"] is None and failed["accuracy"] is None and "does not apply" in failed["error"]
+
+
 def test_rates_are_timed_longer_where_the_budget_can_pay_for_it(monkeypatch):
     # a misread rate moves the whole plan; 2 s a rate cuts the spread between readings, and costs
     # about 16 s on CIFAR-10, too much for a 2-minute budget, little for an hour

@@ -77,3 +77,27 @@ def test_views_of_one_image_stay_in_one_cv_fold():
     grouped = fit_probe(xv, yv, classifier="svm", groups=groups)
     assert leaky.cv_score > 0.85 and grouped.cv_score < 0.7
     assert (leaky.cv_samples, grouped.cv_samples) == (120, 60)
+
+
+@pytest.mark.parametrize("classifier", ["logistic", "svm"])
+def test_balanced_probe_recalls_the_rare_class(classifier):
+    """--class-weights balanced reaches the probe: classes weighted by inverse frequency, C chosen
+    by balanced accuracy, so a rare class that overlaps a common one is no longer given up."""
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1], [300, 15])
+    x = rng.normal(size=(len(y), 8))
+    x[:, 0] += 1.5 * y  # the rare class is shifted along one direction only: the classes overlap
+    rare = y == 1
+
+    def recall(fit):
+        return ((x @ fit.weight.T + fit.bias).argmax(1)[rare] == 1).mean()
+
+    plain, balanced = (
+        fit_probe(x, y, classifier=classifier),
+        fit_probe(x, y, classifier=classifier, balanced=True),
+    )
+    assert recall(plain) < 0.5 < recall(balanced)
+    ref = LogisticRegression(C=balanced.C, max_iter=3000, class_weight="balanced")
+    if classifier == "logistic":  # the folded head is sklearn's balanced model
+        ref = make_pipeline(StandardScaler(), ref).fit(x, y)
+        assert np.allclose(_softmax(x @ balanced.weight.T + balanced.bias), ref.predict_proba(x), atol=1e-6)

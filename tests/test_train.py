@@ -199,3 +199,21 @@ def test_seeded_runs_repeat(tiny_split, tmp_path):
     a = headstart.train(tiny_split, output=tmp_path / "a", **{**FAST, "strategy": "finetune", "epochs": 2})
     b = headstart.train(tiny_split, output=tmp_path / "b", **{**FAST, "strategy": "finetune", "epochs": 2})
     assert a.metrics[-1]["train_loss"] == b.metrics[-1]["train_loss"]
+
+
+@pytest.mark.parametrize("weights", ["none", "balanced"])
+def test_the_best_epoch_is_judged_by_balanced_accuracy_where_classes_are_weighted(weights):
+    """With --class-weights balanced an epoch that gives up the rare class is not 'best' because
+    the common class makes up most of the validation images."""
+    from types import SimpleNamespace
+
+    from headstart.training.loop import LoopState
+
+    run = SimpleNamespace(cfg=SimpleNamespace(keep_epoch="best", class_weights=weights),
+                          model=torch.nn.Linear(2, 2))  # fmt: skip
+    state = LoopState(run, None, None, None, None)
+    gives_up = {"acc": 0.90, "loss": 0.3, "confusion": [[90, 0], [10, 0]]}  # balanced accuracy 0.50
+    both = {"acc": 0.85, "loss": 0.4, "confusion": [[77, 13], [2, 8]]}  # balanced accuracy 0.83
+    assert state.keep_best(1, gives_up)
+    assert state.keep_best(2, both) == (weights == "balanced")
+    assert state.best["epoch"] == (2 if weights == "balanced" else 1)

@@ -22,7 +22,7 @@ from headstart.core.device import autocast_for, to_device
 from headstart.core.distributed import all_sum, shard
 from headstart.core.errors import RunInterrupted, TrainingDiverged
 from headstart.core.files import CHECKPOINT, METRICS
-from headstart.core.metrics import confusion_counts
+from headstart.core.metrics import balanced_accuracy, confusion_counts
 from headstart.data.images import explain_failure, load_image
 from headstart.data.layout import Skipped
 from headstart.data.loading import SlicedBatches, default_workers, make_loader, worker_death
@@ -152,10 +152,13 @@ class LoopState:
         self.best = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None}
 
     def keep_best(self, epoch: int, va: dict) -> bool:
-        """Keep the trained tensors if this epoch beats the best (val accuracy, then loss), or
-        every epoch's with --keep-epoch last (the model is then chosen without the validation split)."""
+        """Keep the trained tensors if this epoch beats the best (val accuracy, then loss; balanced
+        accuracy first with --class-weights balanced), or every epoch's with --keep-epoch last (the
+        model is then chosen without the validation split)."""
         last = self.run.cfg.keep_epoch == "last"
-        if not last and (va["acc"], -va["loss"]) <= (self.best["val_acc"], -self.best["val_loss"]):
+        if not last and self._rank(va["acc"], va["loss"], va.get("confusion")) <= self._rank(
+            self.best["val_acc"], self.best["val_loss"], self.best.get("confusion")
+        ):
             return False
         self.best.update(
             val_acc=va["acc"],
@@ -165,6 +168,14 @@ class LoopState:
             confusion=va.get("confusion"),
         )
         return True
+
+    def _rank(self, acc: float, loss: float, confusion) -> tuple:
+        """What "best" compares: where the user weights the classes alike, every class's recall
+        counts alike (balanced accuracy) before plain accuracy."""
+        plain = (acc, -loss)
+        if self.run.cfg.class_weights != "balanced":
+            return plain
+        return (balanced_accuracy(confusion) if confusion is not None else acc, *plain)
 
     def end_epoch(self, epoch: int, tr: dict, va: dict, lr: float, t0: float, metrics: MetricsLog) -> bool:
         """The epoch's row, the best weights, the checkpoint; True when training ends here (early stop,

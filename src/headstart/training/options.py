@@ -112,8 +112,9 @@ class TrainConfig:
         "best",
         group=OPT,
         choices=("best", "last"),
-        help="the model: the epoch with the best val accuracy (that number is then a little optimistic), "
-        "or the last epoch (nothing is chosen on the validation split; auto's final run)",
+        help="the model: the epoch with the best val accuracy (balanced accuracy with --class-weights "
+        "balanced; that number is then a little optimistic), or the last epoch (nothing is chosen on the "
+        "validation split; auto's final run)",
     )
     budget: str = option(
         "10m",

@@ -30,7 +30,10 @@ class RunResults:
     val_confusion: list[list[int]] | None = _f(
         doc="val confusion matrix of the saved weights (rows true, columns predicted; up to 100 classes)"
     )
-    best_epoch: int | None = _f(doc="epoch whose weights were saved (best validation accuracy)")
+    best_epoch: int | None = _f(
+        doc="epoch whose weights were saved (best validation accuracy; balanced accuracy with "
+        "`--class-weights balanced`; the last with `--keep-epoch last`)"
+    )
     epochs_run: int | None = _f(doc="epochs trained (fewer than --epochs after an early stop)")
     train_seconds: float | None = _f(doc="wall time of the whole run")
     extract_seconds: float | None = _f(doc="time spent computing features or cached prefix maps")

@@ -13,7 +13,8 @@ def selection_metric(cfg) -> str:
 
 
 def held_out_scores(cfg, results) -> dict:
-    """A pilot's held-out numbers; `score` is the one it is ranked by."""
+    """A pilot's held-out numbers; `score` is the one it is ranked by (balanced accuracy falls back to
+    accuracy for a run that has no confusion matrix)."""
     balanced = results.val_balanced_accuracy
     out = {
         "accuracy": results.val_accuracy,
@@ -24,8 +25,8 @@ def held_out_scores(cfg, results) -> dict:
 
 
 def score_of(entry: dict) -> float | None:
-    """The ranking score of one pilot's entry (records written before `score` existed: accuracy)."""
-    return entry.get("score", entry.get("accuracy"))
+    """The ranking score of one pilot's entry; None where the pilot failed."""
+    return entry.get("score")
 
 
 def rank_key(c, last: int | None = None) -> tuple[float, float] | None:

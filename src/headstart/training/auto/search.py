@@ -383,7 +383,7 @@ def pilot(
     run: Callable,
     clock: Callable[[], float] = time.monotonic,
 ) -> dict:
-    """Train one candidate on the inner split; its inner-validation accuracy and its times."""
+    """Train one candidate on the inner split; its held-out scores (held_out_scores) and its times."""
     predicted = predict(c, speed, split, epochs)
     entry = {"name": c.name, "predicted_seconds": round(predicted, 1)}
     options = {
@@ -406,7 +406,9 @@ def pilot(
         except RunInterrupted:  # Ctrl-C or SIGTERM: stop searching, not just this pilot
             raise
         except HeadstartError as e:  # a recipe that does not apply here (e.g. a backbone that cannot split)
-            entry |= {"accuracy": None, "error": f"{type(e).__name__}: {e}"[:300]}
+            entry |= dict.fromkeys(("accuracy", "balanced_accuracy", "loss", "score")) | {
+                "error": f"{type(e).__name__}: {e}"[:300]
+            }
     entry["actual_seconds"] = round(clock() - t0, 1)
     learn(speed, c.cost_kind, predicted, entry["actual_seconds"])
     c.scores.append(entry)

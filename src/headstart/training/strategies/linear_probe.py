@@ -47,11 +47,14 @@ def fit_probe(
     classifier: str = "logistic",
     seed: int = 0,
     groups: np.ndarray | None = None,
+    balanced: bool = False,
 ) -> ProbeFit:
     """Standardise, choose C by cross-validation, refit on all data, fold into W, b.
 
     `groups` (the image of each row, when rows are several views of one image) keeps all views of
-    an image in one fold, so CV does not score an image on its own augmented copy.
+    an image in one fold, so CV does not score an image on its own augmented copy. `balanced`
+    (--class-weights balanced) weights the classes by inverse frequency and chooses C by balanced
+    accuracy.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, StratifiedKFold, train_test_split
@@ -78,12 +81,13 @@ def fit_probe(
         xcv, ycv, gcv = xs[mask], y[mask], groups[mask]
         folds = 3
     grouped = len(np.unique(gcv)) < len(gcv)
+    weight = "balanced" if balanced else None
     if classifier == "logistic":
-        est = LogisticRegression(max_iter=2000, tol=1e-4)
-        scoring = "neg_log_loss"
+        est = LogisticRegression(max_iter=2000, tol=1e-4, class_weight=weight)
+        scoring = "balanced_accuracy" if balanced else "neg_log_loss"
     else:
-        est = LinearSVC(dual="auto", max_iter=5000)
-        scoring = "accuracy"
+        est = LinearSVC(dual="auto", max_iter=5000, class_weight=weight)
+        scoring = "balanced_accuracy" if balanced else "accuracy"
     search = GridSearchCV(
         est,
         {"C": list(CS)},
@@ -94,9 +98,9 @@ def fit_probe(
     ).fit(xcv, ycv, **({"groups": gcv} if grouped else {}))
     best_c = float(search.best_params_["C"])
     final = (
-        LogisticRegression(C=best_c, max_iter=3000)
+        LogisticRegression(C=best_c, max_iter=3000, class_weight=weight)
         if classifier == "logistic"
-        else LinearSVC(C=best_c, dual="auto", max_iter=10000)
+        else LinearSVC(C=best_c, dual="auto", max_iter=10000, class_weight=weight)
     ).fit(xs, y)
     w, b = final.coef_, final.intercept_
     if w.shape[0] == 1:  # binary: one score s for class 1; logits (-s/2, s/2) give softmax = sigmoid(s)
@@ -121,6 +125,7 @@ class LinearProbe(Extract):
             classifier=run.cfg.classifier,
             seed=run.cfg.seed,
             groups=image_of.numpy(),
+            balanced=run.cfg.class_weights == "balanced",
         )
         seconds = time.perf_counter() - t0
         linear = run.model.head[-1]
