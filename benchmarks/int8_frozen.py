@@ -1,5 +1,5 @@
 """Would int8 pay for frozen work? lite0's frozen feature extractor in float and in int8 (ONNX
-Runtime, static per-channel QDQ, bias-corrected: what `export --quantize int8` does), in one run:
+Runtime, static per-channel QDQ, bias-corrected: the recipe of `export --quantize int8`), in one run:
 
 1. end to end, JPEG files -> pooled features on the first --limit images, float and int8 taking
    turns twice (decode in loader workers, the engine in this process, as extraction runs);
