@@ -97,7 +97,18 @@ def test_balanced_probe_recalls_the_rare_class(classifier):
         fit_probe(x, y, classifier=classifier, balanced=True),
     )
     assert recall(plain) < 0.5 < recall(balanced)
-    ref = LogisticRegression(C=balanced.C, max_iter=3000, class_weight="balanced")
     if classifier == "logistic":  # the folded head is sklearn's balanced model
+        ref = LogisticRegression(C=balanced.C, max_iter=3000, class_weight="balanced")
         ref = make_pipeline(StandardScaler(), ref).fit(x, y)
         assert np.allclose(_softmax(x @ balanced.weight.T + balanced.bias), ref.predict_proba(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("weights", ["none", "balanced"])
+def test_a_probe_run_passes_class_weights_on(tiny_split, tmp_path, monkeypatch, weights):
+    from headstart.training.strategies import linear_probe
+
+    seen, real = [], linear_probe.fit_probe
+    monkeypatch.setattr(linear_probe, "fit_probe", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    headstart.train(tiny_split, output=tmp_path / "lp", strategy="linear-probe", backbone=TINY,
+                    weights="none", num_workers=0, class_weights=weights)  # fmt: skip
+    assert [kw["balanced"] for kw in seen] == [weights == "balanced"]
