@@ -16,7 +16,7 @@ from pathlib import Path
 
 from headstart.core.files import MODEL_JSON, read_json
 from headstart.data.transforms import Preprocess
-from headstart.deploy.quantize import _Graph, _ort_quantization, _static, load_batch, run_outputs
+from headstart.deploy.quantize import _Graph, _ort_quantization, _Recipe, load_batch, run_outputs
 from headstart.inference.logits import split_items
 
 
@@ -35,15 +35,14 @@ def main() -> None:
     print(f"{len(y)} validation images, float accuracy {(p_float.argmax(1) == y).mean():.4f}")
     print("kept in float | agreement plain -> bias-corrected | int8 accuracy plain -> bias-corrected")
     with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        q.quant_pre_process(str(a.run / "model.onnx"), str(pre), skip_symbolic_shape=True)
-        graphs = [_Graph(q, pre, calibration, Path(tmp), bias_correction=bc) for bc in (False, True)]
+        plain = _Graph.prepare(q, a.run / "model.onnx", calibration, Path(tmp), bias_correction=False)
+        graphs = [plain, _Graph(q, plain.pre, calibration, Path(tmp), bias_correction=True)]
         for share in (float(s) for s in a.shares.split(",")):
+            recipe = _Recipe(f"first {share:.0%}", "front" if share else "none", share=share)
             cells = []
             for i, graph in enumerate(graphs):
                 out = Path(tmp) / f"{share}-{i}.onnx"
-                exclude = (graph.front(share) if share else []) + graph.tail
-                _static(q, graph.float_source(out, exclude), out, calibration, exclude)
+                recipe.build(graph, out)
                 p, _ = run_outputs(out, x)
                 cells.append(((p.argmax(1) == p_float.argmax(1)).mean(), (p.argmax(1) == y).mean()))
             (ag0, acc0), (ag1, acc1) = cells

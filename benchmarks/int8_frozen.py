@@ -17,7 +17,6 @@ DATA is a folder with train/ and val/ (or test/) class folders; the ant/bee set 
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import tempfile
 import time
@@ -31,8 +30,7 @@ from sklearn.linear_model import LogisticRegression
 from headstart.data.layout import resolve_data
 from headstart.data.loading import ImageDataset, make_loader
 from headstart.data.transforms import eval_transform
-from headstart.deploy.bias_correction import conv_input_means, write_corrected
-from headstart.deploy.quantize import _ort_quantization, _static
+from headstart.deploy.quantize import _Graph, _ort_quantization, _Recipe
 from headstart.features.engine import export_frozen, ort_session
 
 
@@ -48,20 +46,12 @@ def stacked(items, pp) -> tuple[np.ndarray, np.ndarray]:
 
 
 def int8_models(float_path: Path, calibration: np.ndarray, tmp: Path) -> dict[str, Path]:
-    """Every convolution in int8, and the first 5 % of them kept in float (the gate's first fallback)."""
-    import onnx
-
-    q = _ort_quantization()
-    pre = tmp / "pre.onnx"
-    q.quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
-    convs = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv"]
-    means = conv_input_means(pre, calibration)
+    """The gate's first two recipes: every convolution in int8, and the first 5 % of them in float."""
+    graph = _Graph.prepare(_ort_quantization(), float_path, calibration, tmp, bias_correction=True)
     out = {}
-    for name, exclude in (("int8", []), ("int8, first 5 % float", convs[: math.ceil(0.05 * len(convs))])):
-        src, dst = tmp / f"{len(out)}.corrected.onnx", tmp / f"{len(out)}.onnx"
-        write_corrected(pre, src, means, skip=set(exclude))
-        _static(q, src, dst, calibration, exclude)
-        out[name] = dst
+    for recipe in (_Recipe("int8"), _Recipe("int8, first 5 % float", "front", share=0.05)):
+        out[recipe.name] = tmp / f"{len(out)}.onnx"
+        recipe.build(graph, out[recipe.name])
     return out
 
 

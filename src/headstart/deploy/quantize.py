@@ -251,9 +251,7 @@ def quantize_int8(
     for stale in (output, _sidecar(output)):  # an int8 file of older weights must not outlive a refusal
         stale.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".int8-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        q.quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
-        graph = _Graph(q, pre, calibration, Path(tmp), bias_correction=bias_correction)
+        graph = _Graph.prepare(q, float_path, calibration, Path(tmp), bias_correction=bias_correction)
         for recipe in _recipes(fallbacks):
             t0 = time.perf_counter()
             cand = Path(tmp) / f"{len(attempts)}.onnx"
@@ -407,6 +405,16 @@ class _Graph:
         # the first convolution, the last one and the tail after it
         self.ends = ([self.convs[0], self.convs[-1]] if convs else []) + self.tail
         self._ranking: list[str] | None = None
+
+    @classmethod
+    def prepare(
+        cls, q, float_path: Path, calibration: np.ndarray, tmp: Path, *, bias_correction: bool
+    ) -> _Graph:
+        """ONNX Runtime's pre-processing of the float model (shape inference, fusions) into `tmp`,
+        read as a graph; what every recipe, and the benchmarks that compare them, start from."""
+        pre = tmp / "pre.onnx"
+        q.quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
+        return cls(q, pre, calibration, tmp, bias_correction=bias_correction)
 
     def float_source(self, out: Path, exclude: list[str]) -> Path:
         """The float model a static recipe quantizes: with bias correction, a copy whose quantized
