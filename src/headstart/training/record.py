@@ -44,10 +44,14 @@ class RunResults:
     features_from_cache: int | None = _f(doc="features (or maps) read from the cache")
     cache_rows_recomputed: int | None = _f(doc="cached rows found damaged (or missing) and computed again")
     cache_prefix: bool | None = _f(doc="finetune --cache-prefix: trained on cached prefix maps")
-    prefix_split: str | None = _f(doc="--cache-prefix: first module of the trainable suffix")
+    prefix_split: str | None = _f(
+        doc="finetune: first module of the trainable suffix (the frozen prefix before it is cached or run "
+        "on the frozen engine)"
+    )
     prefix_map_shape: list[int] | None = _f(doc="--cache-prefix: shape (C, H, W) of one cached map")
     frozen_engine: dict | None = _f(
-        doc="what computed the frozen features or maps: name (torch, onnxruntime), why, parity with PyTorch"
+        doc="what computed the frozen features, maps or prefix: name (torch, onnxruntime), why, parity with "
+        "PyTorch"
     )
     strategy: str | None = _f(doc="--strategy")
     classifier: str | None = _f(doc="linear-probe: logistic or svm")

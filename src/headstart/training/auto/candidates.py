@@ -3,7 +3,8 @@
 Three kinds, by what the epochs read:
   features  the frozen backbone runs once per image (cached); a head or a linear probe trains on it
   prefix    the frozen first blocks run once per image (cached maps); the last 1-3 groups train
-  images    images decoded and augmented every epoch; the last 2 groups, or every layer, train
+  images    images decoded and augmented every epoch; the last 2 groups (the frozen rest on the
+            frozen engine, without autograd), or every layer, train
 """
 
 from __future__ import annotations
@@ -112,7 +113,6 @@ def seconds(c: Candidate, speed: Speed, *, n: int, m: int, epochs: int, cached: 
     `cached` is the share of the images whose features (or maps) are already in the cache.
     """
     px = (c.size / REFERENCE) ** 2
-    forward = speed.forward[c.backbone] / px
     extract = extraction_seconds(speed, c.backbone, n + m, px=px, cached=cached)
     epochs = c.epochs(epochs)
     factor = speed.correction.get(c.cost_kind, 1.0)
@@ -123,9 +123,26 @@ def seconds(c: Candidate, speed: Speed, *, n: int, m: int, epochs: int, cached: 
     if c.kind == "prefix":
         train = speed.suffix_train[c.groups] / px
         return RUN_OVERHEAD + factor * (extract + epochs * (n / train + m / (3 * train)))
-    rate = speed.full_train if c.options.get("strategy") == "full" else speed.image_train[c.groups]
+    rate, val_rate, export = _image_rates(speed, c, passes=epochs * (n + m))
     train = min(rate / px, speed.decode)
-    return RUN_OVERHEAD + factor * epochs * (n / train + m / min(forward, speed.decode))
+    return RUN_OVERHEAD + factor * (export + epochs * (n / train + m / min(val_rate / px, speed.decode)))
+
+
+def _image_rates(speed: Speed, c: Candidate, *, passes: int) -> tuple[float, float, float]:
+    """Training and validation img/s at REFERENCE px of a run on images, and the export it pays.
+    Where the first blocks stay frozen they run on the frozen engine (features/live_prefix.py):
+    on ONNX Runtime from MIN_IMAGES_FOR_ORT passes on, their share of each step (the measured
+    step less the suffix's) shrinks by ONNX Runtime's speed-up over PyTorch's forward."""
+    forward = speed.forward[c.backbone]
+    if c.options.get("strategy") == "full":
+        return speed.full_train, forward, 0.0
+    rate = speed.image_train[c.groups]
+    if not (speed.engine == ORT and passes >= MIN_IMAGES_FOR_ORT and c.backbone in speed.engine_forward):
+        return rate, forward, 0.0
+    faster = speed.engine_forward[c.backbone] / forward
+    suffix = speed.suffix_train[c.groups]
+    per_image = 1 / suffix + max(0.0, 1 / rate - 1 / suffix) / faster
+    return 1 / per_image, forward * faster, speed.export_seconds
 
 
 def learn(speed: Speed, kind: str, predicted: float, actual: float) -> None:

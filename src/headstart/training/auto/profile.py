@@ -226,11 +226,16 @@ def _train_rates(
         loss.backward()
         opt.step()
 
-    suffix = 0.0
-    if groups is not None:
-        sp = split_model(model, input_size=REFERENCE)
-        with torch.no_grad():  # maps the training step may read (inference tensors it could not)
-            maps = sp.prefix.layers(x)
-        suffix = images_per_second(lambda: step(sp.suffix, maps), len(x), min_seconds=min_seconds, device=dev)
-    whole = images_per_second(lambda: step(model, x), len(x), min_seconds=min_seconds, device=dev)
-    return suffix, whole
+    if groups is None:
+        return 0.0, images_per_second(lambda: step(model, x), len(x), min_seconds=min_seconds, device=dev)
+    sp = split_model(model, input_size=REFERENCE)
+    prefix = inference_model(sp.prefix, dev)
+
+    def frozen_maps() -> torch.Tensor:  # no_grad, not inference_mode: the training step reads them
+        with torch.no_grad():
+            return prefix(x).view(len(x), *sp.shape).contiguous(memory_format=torch.channels_last)
+
+    maps = frozen_maps()
+    timed = lambda f: images_per_second(f, len(x), min_seconds=min_seconds, device=dev)  # noqa: E731
+    # on images the frozen prefix runs on the fast path each step (features/live_prefix.py)
+    return timed(lambda: step(sp.suffix, maps)), timed(lambda: step(sp.suffix, frozen_maps()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from headstart.core import digest
 from headstart.data.loading import ImageDataset
 from headstart.data.transforms import eval_transform, train_transform
+from headstart.features.live_prefix import live_prefix
 from headstart.features.prefix import prefix_datasets
 from headstart.features.views import feature_datasets
 from headstart.training.setup import Run, check_bad_fraction
@@ -49,8 +50,14 @@ def prefix_inputs(run: Run) -> Inputs:
 
 
 def image_inputs(run: Run) -> Inputs:
-    """Images decoded every epoch, with the training augmentation; the whole model is the net."""
+    """Images decoded every epoch, with the training augmentation. The net is the whole model, or,
+    where the first blocks stay frozen, the live prefix (live_prefix) and the trainable rest."""
     pp, draft, cfg = run.preprocess, run.preprocess.resize_size, run.cfg
-    train = ImageDataset(run.split.train, train_transform(pp, cfg.augment), draft=draft, seed=cfg.seed)
-    val = ImageDataset(run.split.val, eval_transform(pp), draft=draft)
-    return Inputs(run.model, train, val, workers=cfg.num_workers, decodes_images=True)
+    live = live_prefix(run.model, run.split, pp, cfg.feature_options(), run.device, epochs=cfg.epochs,
+                       distributed=run.dist.enabled)  # fmt: skip
+    uint8 = live is not None  # the live prefix normalises on the device, as frozen extraction does
+    augmented = train_transform(pp, cfg.augment, uint8=uint8)
+    train = ImageDataset(run.split.train, augmented, draft=draft, seed=cfg.seed)
+    val = ImageDataset(run.split.val, eval_transform(pp, uint8=uint8), draft=draft)
+    net, stats = (live.net, live.stats) if live else (run.model, {})
+    return Inputs(net, train, val, workers=cfg.num_workers, decodes_images=True, stats=stats)
