@@ -1,7 +1,8 @@
 """Benchmark: `finetune --cache-prefix` vs ordinary fine-tuning on the ant/bee set, one process.
 
 Same backbone (efficientnet_lite0), --unfreeze 2, epochs, seed and optimizer for both. Ordinary
-fine-tuning runs the whole backbone on augmented images every epoch; --cache-prefix runs the frozen
+fine-tuning runs the whole backbone on augmented images every epoch (the frozen prefix on the
+fast path, features/live_prefix.py); --cache-prefix runs the frozen
 prefix once per image (cold cache: its time is included) and then only the last blocks and the
 head, with flips of the cached maps as the only augmentation. A second --cache-prefix run shows
 the warm-cache cost (every map read back from disk).
