@@ -59,6 +59,31 @@ def features(session, x: np.ndarray) -> np.ndarray:
     return np.concatenate([session.run(None, {"image": x[i : i + 64]})[0] for i in range(0, len(x), 64)])
 
 
+def float_and_int8(module, pp, split, *, calibration: int, limit: int, key: str):
+    """`module` exported float and quantized by the gate's first two recipes, timed end to end on
+    the first `limit` images (engines taking turns, twice), and its outputs on train and val:
+    (outputs {engine: (train, val)}, best seconds {engine: s}, labels (train, val), images timed,
+    calibration images, seconds spent loading them and quantizing)."""
+    calib_items = random.Random(0).sample(split.train, min(calibration, len(split.train)))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"float": export_frozen(module, pp, key={"bench": key}, folder=Path(tmp))}
+        t = time.perf_counter()
+        paths |= int8_models(paths["float"], stacked(calib_items, pp)[0], Path(tmp))
+        quantizing = time.perf_counter() - t
+        sessions = {k: ort_session(p) for k, p in paths.items()}
+        speed_items = (split.train + split.val)[:limit]
+        seconds = {k: [] for k in sessions}
+        for name in [*sessions, *sessions]:  # taking turns, twice
+            t = time.perf_counter()
+            for batch in images(speed_items, pp, ramp=True):
+                sessions[name].run(None, {"image": batch.x.numpy()})
+            seconds[name].append(time.perf_counter() - t)
+        (x_tr, y_tr), (x_va, y_va) = stacked(split.train, pp), stacked(split.val, pp)
+        outputs = {k: (features(s, x_tr), features(s, x_va)) for k, s in sessions.items()}
+    best = {k: min(v) for k, v in seconds.items()}
+    return outputs, best, (y_tr, y_va), len(speed_items), len(calib_items), quantizing
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("data", nargs="*", default=[HYMENOPTERA])
@@ -68,31 +93,17 @@ def main() -> None:
     threads, bb, pp = frozen_lite0()
     for data in a.data:
         split = resolve_data(data)
-        calib_items = random.Random(0).sample(split.train, min(a.calibration, len(split.train)))
-        with tempfile.TemporaryDirectory() as tmp:
-            paths = {"float": export_frozen(bb, pp, key={"bench": "int8_frozen"}, folder=Path(tmp))}
-            t = time.perf_counter()
-            paths |= int8_models(paths["float"], stacked(calib_items, pp)[0], Path(tmp))
-            quantizing = time.perf_counter() - t
-            sessions = {k: ort_session(p) for k, p in paths.items()}
-            speed_items = (split.train + split.val)[: a.limit]
-            seconds = {k: [] for k in sessions}
-            for name in [*sessions, *sessions]:  # taking turns, twice
-                t = time.perf_counter()
-                for batch in images(speed_items, pp, ramp=True):
-                    sessions[name].run(None, {"image": batch.x.numpy()})
-                seconds[name].append(time.perf_counter() - t)
-            (x_tr, y_tr), (x_va, y_va) = stacked(split.train, pp), stacked(split.val, pp)
-            feats = {k: (features(s, x_tr), features(s, x_va)) for k, s in sessions.items()}
-        n = len(speed_items)
+        feats, seconds, (y_tr, y_va), n, n_calib, quantizing = float_and_int8(
+            bb, pp, split, calibration=a.calibration, limit=a.limit, key="int8_frozen"
+        )
         print(f"{data}: {len(split.train)} train / {len(split.val)} val, {threads} threads, "
-              f"{len(calib_items)} calibration images (loading them, quantizing both: "
+              f"{n_calib} calibration images (loading them, quantizing both: "
               f"{quantizing:.1f} s)")  # fmt: skip
-        base = min(seconds["float"])
+        base = seconds["float"]
         fit = {k: LogisticRegression(max_iter=3000).fit(f[0], y_tr) for k, f in feats.items()}
         acc_f = float((fit["float"].predict(feats["float"][1]) == y_va).mean())
-        for k in sessions:
-            line = f"  {k:22s} end to end {n / min(seconds[k]):6.1f} img/s ({base / min(seconds[k]):.2f}x)"
+        for k in feats:
+            line = f"  {k:22s} end to end {n / seconds[k]:6.1f} img/s ({base / seconds[k]:.2f}x)"
             if k != "float":
                 f_va, g_va = feats["float"][1], feats[k][1]
                 cos = (f_va * g_va).sum(1) / (np.linalg.norm(f_va, axis=1) * np.linalg.norm(g_va, axis=1))

@@ -19,19 +19,15 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import random
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from _data import HYMENOPTERA
 from _lite0 import frozen_lite0
-from int8_frozen import features, images, int8_models, stacked
+from int8_frozen import float_and_int8
 
 from headstart.data.layout import resolve_data
-from headstart.features.engine import export_frozen, ort_session
 from headstart.features.prefix import split_model
 from headstart.models.freezing import unfreeze_last
 from headstart.models.heads import HeadSpec
@@ -88,36 +84,22 @@ def main() -> None:
     unfreeze_last(model, a.unfreeze)
     sp = split_model(model, input_size=a.size)
     sp.prefix.eval()
-    calib = random.Random(0).sample(split.train, min(a.calibration, len(split.train)))
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = {"float": export_frozen(sp.prefix, pp, key={"bench": "int8_prefix"}, folder=Path(tmp))}
-        t = time.perf_counter()
-        paths |= int8_models(paths["float"], stacked(calib, pp)[0], Path(tmp))
-        quantizing = time.perf_counter() - t
-        sessions = {k: ort_session(p) for k, p in paths.items()}
-        speed_items = (split.train + split.val)[: a.limit]
-        seconds = {k: [] for k in sessions}
-        for name in [*sessions, *sessions]:  # taking turns, twice
-            t = time.perf_counter()
-            for batch in images(speed_items, pp, ramp=True):
-                sessions[name].run(None, {"image": batch.x.numpy()})
-            seconds[name].append(time.perf_counter() - t)
-        (x_tr, y_tr), (x_va, y_va) = stacked(split.train, pp), stacked(split.val, pp)
-        maps = {k: (features(s, x_tr), features(s, x_va)) for k, s in sessions.items()}
-    n = len(speed_items)
+    maps, seconds, (y_tr, y_va), n, n_calib, quantizing = float_and_int8(
+        sp.prefix, pp, split, calibration=a.calibration, limit=a.limit, key="int8_prefix"
+    )
     print(
         f"{a.data}: {len(split.train)} train / {len(split.val)} val, {a.size} px, prefix up to {sp.at} "
-        f"({'x'.join(map(str, sp.shape))} maps), {threads} threads, {len(calib)} calibration images "
+        f"({'x'.join(map(str, sp.shape))} maps), {threads} threads, {n_calib} calibration images "
         f"(loading them, quantizing both: {quantizing:.1f} s), suffix trained {a.epochs} epochs"
     )
     t = time.perf_counter()
     trained = {k: train_suffix(sp, m[0], y_tr, a.epochs) for k, m in maps.items()}
     train_s = (time.perf_counter() - t) / len(maps)
-    base = min(seconds["float"])
+    base = seconds["float"]
     f_va = maps["float"][1]
     acc_f = accuracy(trained["float"], sp, f_va, y_va)
-    for k in sessions:
-        line = f"  {k:22s} end to end {n / min(seconds[k]):6.1f} img/s ({base / min(seconds[k]):.2f}x)"
+    for k in maps:
+        line = f"  {k:22s} end to end {n / seconds[k]:6.1f} img/s ({base / seconds[k]:.2f}x)"
         if k == "float":
             print(line + f", val accuracy {acc_f:.4f}")
             continue

@@ -40,9 +40,10 @@ def test_the_live_prefix_trains_like_the_whole_model(tiny_split, tmp_path, monke
         load_file(tmp_path / "whole" / "model.safetensors"),
     )
     assert wa.keys() == wb.keys()
-    # Adam turns rounding-level gradient differences near zero into steps of up to lr (0.01)
+    # Adam turns rounding-level gradient differences near zero into steps of up to lr (0.01); the
+    # losses above are the tight check
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=FAST["lr"] / 2, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=FAST["lr"], msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_every_layer_training_leaves_nothing_to_move(tiny_split, tmp_path):
@@ -61,8 +62,8 @@ def test_the_prefix_ends_at_the_first_trainable_module(tiny_split, tmp_path, pat
 
 
 def test_the_prefix_runs_on_onnxruntime_checked_against_torch(tiny_split, tmp_path):
-    pytest.importorskip("onnxruntime", reason="pip install 'headstart[onnx]'")
-    pytest.importorskip("onnxscript", reason="pip install 'headstart[onnx]'")
+    for name in ("onnxruntime", "onnx", "onnxscript"):
+        pytest.importorskip(name, reason="pip install 'headstart[onnx]'")
     cache = str(tmp_path / "cache")
     ort = train(tiny_split, output=tmp_path / "ort", frozen_engine="onnxruntime", cache_dir=cache, **FAST)
     rec = ort["frozen_engine"]
@@ -78,7 +79,8 @@ def test_the_prefix_runs_on_onnxruntime_checked_against_torch(tiny_split, tmp_pa
 
 
 def test_a_disagreeing_engine_falls_back_to_torch_or_fails_when_asked_for(tiny_split, tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime", reason="pip install 'headstart[onnx]'")
+    for name in ("onnxruntime", "onnx", "onnxscript"):
+        pytest.importorskip(name, reason="pip install 'headstart[onnx]'")
     monkeypatch.setattr(eng, "PARITY_RTOL", -1.0)  # no difference passes
     monkeypatch.setattr(eng, "MIN_IMAGES_FOR_ORT", 0)
     r = train(tiny_split, output=tmp_path / "auto", cache_dir=str(tmp_path / "c"), **FAST)
@@ -86,3 +88,37 @@ def test_a_disagreeing_engine_falls_back_to_torch_or_fails_when_asked_for(tiny_s
     with pytest.raises(ConfigError, match="disagrees with PyTorch"):
         train(tiny_split, output=tmp_path / "strict", frozen_engine="onnxruntime",
               cache_dir=str(tmp_path / "c2"), **FAST)  # fmt: skip
+
+
+def test_checkpoints_hold_the_models_own_keys():
+    """--resume reads checkpoints written with or without the live prefix."""
+    from headstart.features.live_prefix import LivePrefix
+    from headstart.features.prefix import split_model
+    from headstart.models.backbones import create_backbone
+    from headstart.models.freezing import unfreeze_last
+    from headstart.models.heads import HeadSpec
+    from headstart.models.transfer import TransferModel
+
+    model = TransferModel.build(create_backbone(TINY, weights="none"), HeadSpec(), ["a", "b"])
+    unfreeze_last(model, 1)
+    net = LivePrefix(model, split_model(model, input_size=32), lambda x: x)
+    assert net.state_dict().keys() == model.state_dict().keys()
+    state = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    net.load_state_dict(state)
+    assert all(not v.any() for v in model.state_dict().values())
+
+
+def test_frozen_blocks_that_act_at_random_keep_the_whole_model(tiny_split, tmp_path, monkeypatch):
+    from timm.layers import DropPath
+    from torch import nn
+
+    from headstart.features import live_prefix
+
+    assert live_prefix.random_in_training(nn.Sequential(nn.Conv2d(3, 3, 1), nn.Dropout(0.2)))
+    assert live_prefix.random_in_training(nn.Sequential(DropPath(0.1)))
+    quiet = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Dropout(0.0), DropPath(0.0))
+    assert not live_prefix.random_in_training(quiet)
+    # stochastic depth in frozen blocks dropped their branches in training: kept as it was
+    monkeypatch.setattr(live_prefix, "random_in_training", lambda m: True)
+    r = train(tiny_split, output=tmp_path / "r", frozen_engine="torch", **FAST)
+    assert r.results.prefix_split is None and r.results.frozen_engine is None

@@ -47,6 +47,14 @@ class LivePrefix(nn.Module):
         self.model = model
         self._parts = (split, prefix)  # a tuple: the suffix shares the model's modules, registered once
 
+    def state_dict(self, *args, **kwargs):
+        """The model's own state dict: checkpoints read the same with or without the live prefix."""
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Into the model, as state_dict wrote it."""
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a uint8 batch [B, 3, H, W]."""
         split, prefix = self._parts
@@ -73,11 +81,16 @@ def live_prefix(model: TransferModel, split: DataSplit, pp: Preprocess, opts: Fe
         sp = split_model(model, input_size=pp.input_size)
     except ConfigError:
         return None
-    passes = 0 if distributed else (len(split.train) + len(split.val)) * epochs  # torchrun: PyTorch
+    if random_in_training(sp.prefix):  # e.g. stochastic depth in frozen blocks: keep it as it was
+        return None
+    passes = (len(split.train) + len(split.val)) * epochs
     spec = cache_spec(model.backbone, pp, EngineChoice(ORT), prefix_split=sp.at, map_shape=list(sp.shape))
     store = engine_store(opts)
     exported = store is not None and engine_path(spec, store).is_file()  # e.g. by a --cache-prefix run
-    choice = choose_engine(opts.engine, device, passes, compile=opts.compile, exported=exported)
+    if distributed and opts.engine == "auto":  # an ONNX Runtime session per process: cores fought over
+        choice = EngineChoice("torch", note="torchrun: every process on PyTorch")
+    else:
+        choice = choose_engine(opts.engine, device, passes, compile=opts.compile, exported=exported)
     stats = {"prefix_split": sp.at, "frozen_engine": {"name": choice.name, "note": choice.note}}
     torch_prefix = _torch_prefix(sp, pp, device, compile=opts.compile)
     prefix = torch_prefix
@@ -87,6 +100,18 @@ def live_prefix(model: TransferModel, split: DataSplit, pp: Preprocess, opts: Fe
     logs.info(f"finetune: the frozen prefix up to {sp.at} runs without autograd on {choice.name} "
               f"({choice.note})")  # fmt: skip
     return LiveSetup(LivePrefix(model, sp, prefix), stats)
+
+
+def random_in_training(module: nn.Module) -> bool:
+    """Whether `module` holds layers that act at random in training mode (dropout, stochastic
+    depth), which the whole model applied to the frozen blocks and the eval-mode fast path would not."""
+    for m in module.modules():
+        name = type(m).__name__
+        p = getattr(m, "p", None) if "Dropout" in name or name == "StochasticDepth" else None
+        p = getattr(m, "drop_prob", None) if name == "DropPath" else p
+        if p:
+            return True
+    return False
 
 
 def _torch_prefix(sp: PrefixSplit, pp: Preprocess, device: torch.device, *, compile: bool):

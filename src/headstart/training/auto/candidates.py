@@ -141,8 +141,10 @@ def _image_rates(speed: Speed, c: Candidate, *, passes: int) -> tuple[float, flo
         return rate, forward, 0.0
     faster = speed.engine_forward[c.backbone] / forward
     suffix = speed.suffix_train[c.groups]
-    per_image = 1 / suffix + max(0.0, 1 / rate - 1 / suffix) / faster
-    return 1 / per_image, forward * faster, speed.export_seconds
+    train = 1 / suffix + max(0.0, 1 / rate - 1 / suffix) / faster
+    # validation: the suffix's forward (a third of its step) stays on PyTorch, the prefix moves
+    val = 1 / (3 * suffix) + max(0.0, 1 / forward - 1 / (3 * suffix)) / faster
+    return 1 / train, 1 / val, speed.export_seconds
 
 
 def learn(speed: Speed, kind: str, predicted: float, actual: float) -> None:
