@@ -15,6 +15,7 @@ from headstart.deploy.quantize import (
     Attempt,
     QuantizationGateError,
     compare,
+    int8_instructions,
     load_batch,
     quantize_int8,
     run_outputs,
@@ -52,6 +53,7 @@ def test_a_normal_calibration_passes_the_gate_and_predicts_like_float(exported):
     assert gate["passed"] and gate["agreement"] >= 0.99 and gate["drop_points"] <= 0.5
     assert gate["bias_corrected"] and "bias-corrected" in read_onnx_metadata(r.path)["quantization"]["format"]
     assert 0 < gate["set_agreement"] <= 1 and 0 < gate["reject_agreement"] <= 1  # reported
+    assert read_onnx_metadata(r.path)["quantization"]["gate_cpu"] == int8_instructions()
     # the int8 model carries its own rejection threshold, fitted on its scores of the validation images
     float_meta, int8_meta = read_onnx_metadata(exported / "model.onnx"), read_onnx_metadata(r.path)
     assert int8_meta["ood"]["accept"] == float_meta["ood"]["accept"]
@@ -255,3 +257,15 @@ def test_the_rounding_corrected_for_is_onnx_runtimes(tmp_path):
     ort_w = inits[dq.input[0]].astype(np.float64) * inits[dq.input[1]].reshape(-1, 1, 1, 1)
     assert inits[dq.input[0]].dtype == np.int8
     assert np.abs(ort_w - (w + int8_rounding_error(w))).max() < 1e-6 * np.abs(w).max()
+
+
+def test_the_gate_records_whether_its_cpu_has_vnni(monkeypatch):
+    """x86 without VNNI can saturate where a VNNI CPU does not: the metadata says which ran the gate."""
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert int8_instructions("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n") == "avx512_vnni"
+    assert int8_instructions("flags\t\t: fpu avx2 avx_vnni\n") == "avx_vnni"
+    assert int8_instructions("flags\t\t: fpu sse4_2 avx2 avx512f avx512bw\n") == "x86 without VNNI"
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    assert int8_instructions("") == "arm64"

@@ -254,6 +254,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     """headstart export."""
     from headstart.deploy.export import export
+    from headstart.deploy.quantize import VNNI
 
     r = export(
         a.run,
@@ -278,6 +279,11 @@ def cmd_export(a: argparse.Namespace) -> int:
         print(f"wrote {q.path}: {q.int8_bytes / 1e6:.1f} MB vs {q.float_bytes / 1e6:.1f} MB float "
               f"({q.float_bytes / q.int8_bytes:.1f}x smaller), {q.int8_img_s:.0f} vs {q.float_img_s:.0f} "
               f"images/s model-only on this machine ({q.int8_img_s / q.float_img_s:.2f}x)")  # fmt: skip
+        if q.cpu in VNNI:
+            print(f"note: the gate ran on a CPU with {q.cpu}. x86 CPUs without VNNI run int8 with "
+                  "instructions that can saturate, so the model may lose accuracy there that this gate "
+                  "did not see: run the export on such a CPU to gate it there "
+                  "(docs/export-and-scale.md).")  # fmt: skip
     return 0
 
 

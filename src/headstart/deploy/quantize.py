@@ -50,6 +50,30 @@ DRIFT_SHARES = (0.1, 0.2)  # the fallbacks keep these shares of the most driftin
 FRONT_SHARES = (0.05, 0.1, 0.2)
 
 
+# x86 int8 dot-product instructions without the saturation of VPMADDUBSW (16-bit sums), which
+# ONNX Runtime's uint8 x int8 kernels use elsewhere: a gate passed on such a CPU can be optimistic
+# for an x86 CPU without them (the same lite0 features: cosine to float 0.997 on an AVX512-VNNI box,
+# 0.906 on one without, docs/export-and-scale.md)
+VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_instructions(cpuinfo: str | None = None) -> str:
+    """This CPU's int8 dot product as it bears on the gate: a VNNI flag, "x86 without VNNI",
+    "arm64", or the machine name with "(instructions unknown)" where /proc/cpuinfo is absent."""
+    import platform
+
+    machine = platform.machine().lower()
+    if machine in ("arm64", "aarch64"):
+        return "arm64"
+    try:
+        text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{machine or 'unknown'} (instructions unknown)"
+    lines = (line for line in text.splitlines() if line.startswith("flags") and ":" in line)
+    flags = next((line.split(":", 1)[1].split() for line in lines), [])
+    return next((f for f in VNNI if f in flags), "x86 without VNNI")
+
+
 class QuantizationGateError(HeadstartError):
     """No int8 model kept the float model's predictions and accuracy; `attempts` holds every
     recipe's numbers."""
@@ -115,6 +139,7 @@ class QuantizeResult:
     float_img_s: float
     int8_img_s: float
     thresholds: dict = field(default_factory=dict)
+    cpu: str = field(default_factory=int8_instructions)  # the CPU the gate ran on (VNNI)
 
     def summary(self) -> dict:
         """The metadata entry stored in the int8 model."""
@@ -132,6 +157,7 @@ class QuantizeResult:
             "int8_bytes": self.int8_bytes,
             "float_img_s": self.float_img_s,
             "int8_img_s": self.int8_img_s,
+            "gate_cpu": self.cpu,
         }
 
 
