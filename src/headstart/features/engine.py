@@ -106,6 +106,17 @@ class Normalized(nn.Module):
         return self.module((x.float() - self.mean) / self.std)
 
 
+def fall_back(error: EngineUnavailable, choice: EngineChoice) -> EngineChoice:
+    """PyTorch after ONNX Runtime turned out unable (said as a warning), or a ConfigError where
+    ONNX Runtime was asked for by name."""
+    if choice.strict:
+        raise ConfigError(
+            f"--frozen-engine onnxruntime: {error}. Use --frozen-engine auto or torch."
+        ) from error
+    logs.warning(f"{error}; computing with PyTorch instead")
+    return EngineChoice("torch", note=str(error))
+
+
 @dataclass
 class FrozenEngine:
     """Runs a frozen module on uint8 batches; `record` goes into results.json."""

@@ -28,6 +28,7 @@ from headstart.features.engine import (
     Normalized,
     choose_engine,
     engine_path,
+    fall_back,
 )
 from headstart.features.prefix import PrefixSplit, split_model
 from headstart.features.views import FeatureOptions, cache_spec, engine_store
@@ -55,11 +56,14 @@ class LivePrefix(nn.Module):
         """Into the model, as state_dict wrote it."""
         return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen prefix's maps [B, C, H, W] (channels-last) of a uint8 batch, without autograd."""
+        split, prefix = self._parts
+        return prefix(x).view(len(x), *split.shape).contiguous(memory_format=torch.channels_last)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a uint8 batch [B, 3, H, W]."""
-        split, prefix = self._parts
-        maps = prefix(x).view(len(x), *split.shape).contiguous(memory_format=torch.channels_last)
-        return split.suffix(maps)
+        return self._parts[0].suffix(self.maps(x))
 
 
 @dataclass
@@ -92,11 +96,11 @@ def live_prefix(model: TransferModel, split: DataSplit, pp: Preprocess, opts: Fe
     else:
         choice = choose_engine(opts.engine, device, passes, compile=opts.compile, exported=exported)
     stats = {"prefix_split": sp.at, "frozen_engine": {"name": choice.name, "note": choice.note}}
-    torch_prefix = _torch_prefix(sp, pp, device, compile=opts.compile)
-    prefix = torch_prefix
+    fast = torch_prefix(sp, pp, device, compile=opts.compile)
+    prefix = fast
     if choice.name == ORT:
         source = EngineSource(choice, sp.prefix, pp, device, key=spec, store=store)
-        prefix = _OrtPrefix(source, torch_prefix, stats)
+        prefix = _OrtPrefix(source, fast, stats)
     logs.info(f"finetune: the frozen prefix up to {sp.at} runs without autograd on {choice.name} "
               f"({choice.note})")  # fmt: skip
     return LiveSetup(LivePrefix(model, sp, prefix), stats)
@@ -114,7 +118,7 @@ def random_in_training(module: nn.Module) -> bool:
     return False
 
 
-def _torch_prefix(sp: PrefixSplit, pp: Preprocess, device: torch.device, *, compile: bool):
+def torch_prefix(sp: PrefixSplit, pp: Preprocess, device: torch.device, *, compile: bool = False):
     """The prefix on PyTorch's fast path (BN folded, channels-last), on the device, without autograd."""
     net = Normalized(inference_model(sp.prefix, device, compile=compile), pp).to(device)
 
@@ -140,13 +144,9 @@ class _OrtPrefix:
         try:
             engine = self.source.get(x)
         except EngineUnavailable as e:
-            if self.source.choice.strict:
-                raise ConfigError(
-                    f"--frozen-engine onnxruntime: {e}. Use --frozen-engine auto or torch."
-                ) from e
-            logs.warning(f"{e}; the frozen prefix runs on PyTorch instead")
+            torch_choice = fall_back(e, self.source.choice)
             self.failed = True
-            self.stats["frozen_engine"] = {"name": "torch", "note": str(e)}
+            self.stats["frozen_engine"] = {"name": torch_choice.name, "note": torch_choice.note}
             return self.fallback(x)
         self.stats["frozen_engine"] = engine.record
         return torch.from_numpy(engine.run(x))

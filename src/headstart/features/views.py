@@ -14,7 +14,6 @@ from torch.utils.data import Dataset
 
 from headstart.core import logs
 from headstart.core.distributed import DistInfo, all_gather_objects, shard
-from headstart.core.errors import ConfigError
 from headstart.data.layout import DataSplit, Skipped
 from headstart.data.transforms import Augment, Preprocess, eval_transform, train_transform
 from headstart.features.cache import FeatureCache, default_cache_dir, model_key, weights_checksum
@@ -25,6 +24,7 @@ from headstart.features.engine import (
     EngineUnavailable,
     choose_engine,
     engine_path,
+    fall_back,
 )
 from headstart.features.extract import Features, cache_stats, extract_features
 
@@ -146,10 +146,7 @@ def with_engine(work, opts: FeatureOptions, device, n_images: int, ort_spec: dic
     try:
         return work(choice)
     except EngineUnavailable as e:
-        if choice.strict:
-            raise ConfigError(f"--frozen-engine onnxruntime: {e}. Use --frozen-engine auto or torch.") from e
-        logs.warning(f"{e}; computing with PyTorch instead")
-        return work(EngineChoice("torch", note=str(e)))
+        return work(fall_back(e, choice))
 
 
 def extract_options(pp: Preprocess, opts: FeatureOptions, device, cache: FeatureCache | None) -> dict:

@@ -19,6 +19,7 @@ from headstart.data.layout import DataSplit
 from headstart.data.loading import default_workers
 from headstart.data.transforms import Preprocess, eval_transform
 from headstart.features.engine import MIN_IMAGES_FOR_ORT, ORT, choose_engine, export_frozen, ort_session
+from headstart.features.live_prefix import LivePrefix, torch_prefix
 from headstart.features.prefix import split_model
 from headstart.models.backbones import create_backbone
 from headstart.models.fastpath import inference_model
@@ -229,13 +230,10 @@ def _train_rates(
     if groups is None:
         return 0.0, images_per_second(lambda: step(model, x), len(x), min_seconds=min_seconds, device=dev)
     sp = split_model(model, input_size=REFERENCE)
-    prefix = inference_model(sp.prefix, dev)
-
-    def frozen_maps() -> torch.Tensor:  # no_grad, not inference_mode: the training step reads them
-        with torch.no_grad():
-            return prefix(x).view(len(x), *sp.shape).contiguous(memory_format=torch.channels_last)
-
-    maps = frozen_maps()
+    # on images the frozen prefix runs on the fast path each step: time that very net
+    live = LivePrefix(model, sp, torch_prefix(sp, Preprocess(REFERENCE, (0.5,) * 3, (0.5,) * 3), dev))
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, tuple(x.shape), dtype=torch.uint8, generator=gen).to(dev)
+    maps = live.maps(images)
     timed = lambda f: images_per_second(f, len(x), min_seconds=min_seconds, device=dev)  # noqa: E731
-    # on images the frozen prefix runs on the fast path each step (features/live_prefix.py)
-    return timed(lambda: step(sp.suffix, maps)), timed(lambda: step(sp.suffix, frozen_maps()))
+    return timed(lambda: step(sp.suffix, maps)), timed(lambda: step(live, images))
