@@ -209,7 +209,7 @@ def test_the_best_epoch_is_judged_by_balanced_accuracy_where_classes_are_weighte
 
     from headstart.training.loop import LoopState
 
-    run = SimpleNamespace(cfg=SimpleNamespace(keep_epoch="best", class_weights=weights),
+    run = SimpleNamespace(cfg=SimpleNamespace(keep_epoch="best", class_weights=weights, epochs=3),
                           model=torch.nn.Linear(2, 2))  # fmt: skip
     state = LoopState(run, None, None, None, None)
     gives_up = {"acc": 0.90, "loss": 0.3, "confusion": [[90, 0], [10, 0]]}  # balanced accuracy 0.50

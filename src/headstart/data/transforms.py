@@ -70,6 +70,12 @@ class Augment:
     color_jitter: float = option(
         0.0, help="brightness/contrast/saturation", group="augmentation (training images)", min=0
     )
+    mixup: float = option(
+        0.0, help="mixup's Beta alpha (0: off; 0.2 is usual)", group="augmentation (training images)", min=0
+    )
+    cutmix: float = option(
+        0.0, help="CutMix's Beta alpha (0: off; 1 is usual)", group="augmentation (training images)", min=0
+    )
 
 
 def _interp(name: str) -> T.InterpolationMode:

@@ -285,11 +285,12 @@ def prefix_datasets(model: TransferModel, split: DataSplit, pp: Preprocess, opts
         f"hit rate {stats['cache_hit_rate']:.0%}, "
         f"{secs:.1f}s); epochs train the suffix and head with "
         + ("map flips" if aug.hflip or aug.vflip else "no flips")
+        + (" and CutMix/mixup of the maps" if aug.cutmix or aug.mixup else "")
         + (
             f" and {len(views)} augmented views of each training image"
             if views
             else " and no other augmentation (random crops, rotation and colour jitter cannot be "
-            "applied to cached maps; --cache-views K caches K-1 augmented views)"
+            "applied to cached maps; --cache-views K caches K-1 augmented views, --cutmix 1 mixes maps)"
         )
     )
     aligned = [align_entries(f, c, ftr, cache) for c, f in views]

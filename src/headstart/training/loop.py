@@ -35,7 +35,8 @@ from headstart.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from headstart.training.optim import build_optimizer, build_scheduler
+from headstart.training.mixing import mix_batch
+from headstart.training.optim import build_optimizer, build_scheduler, shorten
 from headstart.training.rundir import MetricsLog
 from headstart.training.setup import Run, check_bad_fraction
 from headstart.training.strategies.base import Fitted, Inputs
@@ -113,8 +114,8 @@ def train_epoch(net: nn.Module, loader, state: LoopState, epoch: int, totals: di
         totals["batches"] += 1
         state.bad_files.update({run.split.train[i][0]: why for i, why in batch.failed})
         if batch.x is not None:
-            loss, logits = train_step(net, batch, run, state.optimizer, state.scheduler)
-            add_batch(totals, loss, logits, batch.y, run.head_spec.kind)
+            loss, logits, y = train_step(net, batch, run, state.optimizer, state.scheduler)
+            add_batch(totals, loss, logits, y, run.head_spec.kind)
         if len(state.bad_files) > cfg.max_bad_fraction * n_files:
             check_bad_fraction(skipped(state.bad_files), run.split, cfg.max_bad_fraction, so_far=True)
         if stop or (every and ((epoch - 1) * per_epoch + totals["batches"]) % every == 0):
@@ -147,6 +148,7 @@ class LoopState:
             identity,
         )
         self.epoch, self.totals, self.resumes = 1, None, 0
+        self.last_epoch = run.cfg.epochs  # fewer where the budget's deadline cuts the run short
         self.metrics: list[dict] = []
         self.bad_files: dict[str, str] = {}
         self.best = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None}
@@ -191,17 +193,33 @@ class LoopState:
         logs.info(f"epoch {epoch:>3}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  val loss "
                   f"{va['loss']:.4f} acc {va['acc']:.4f}  {seconds:.1f}s{mark}")  # fmt: skip
         stop_early = bool(cfg.patience and epoch - self.best["epoch"] >= cfg.patience)
-        # the budget: another epoch like this one would end after the deadline
-        late = run.deadline is not None and time.monotonic() + seconds > run.deadline
-        run.out_of_time = late and epoch < cfg.epochs
-        self.save(cfg.epochs + 1 if stop_early or run.out_of_time else epoch + 1, None)
+        self.fit_budget(epoch, seconds)
+        done = stop_early or epoch >= self.last_epoch
+        self.save(cfg.epochs + 1 if done else epoch + 1, None)
         if stop_early:
             logs.info(f"early stop: no val improvement for {cfg.patience} epochs")
-        elif run.out_of_time:
+        elif done and run.out_of_time:
             logs.info(
                 f"budget: stopping after epoch {epoch}; the kept epoch ({self.best['epoch']}) is the model"
             )
-        return stop_early or run.out_of_time
+        return done
+
+    def fit_budget(self, epoch: int, seconds: float) -> None:
+        """Under a budget, end training after the epochs that still fit at this epoch's pace; where
+        that is fewer than planned, the cosine schedule reaches 0 by the last of them (cut short as
+        planned, the last epoch would train at a high learning rate)."""
+        run = self.run
+        if run.deadline is None or epoch >= self.last_epoch:
+            return
+        # 10 % slack: the epochs of a 60-minute CIFAR-10 run grew from 428 s to 522 s
+        fit = int(max(0.0, run.deadline - time.monotonic()) // max(1.1 * seconds, 1e-9))
+        if epoch + fit >= self.last_epoch:
+            return
+        self.last_epoch, run.out_of_time = epoch + fit, True
+        if fit:
+            shorten(self.scheduler, self.last_epoch)
+            logs.info(f"budget: {fit} more epoch(s) fit at this pace; training ends after epoch "
+                      f"{self.last_epoch}, the learning rate decaying to 0 by then")  # fmt: skip
 
     def save(self, epoch: int, totals: dict | None) -> None:
         """Write checkpoint.pt (rank 0): continue at `epoch`, with `totals` of a part-done epoch."""
@@ -221,6 +239,7 @@ class LoopState:
                 "bad_files": self.bad_files,
                 "feature_id": self.identity,
                 "resumes": self.resumes,
+                "last_epoch": self.last_epoch,
             },
         )
 
@@ -246,6 +265,7 @@ class LoopState:
             ck["best"],
         )
         self.metrics[:] = ck["metrics"]
+        self.last_epoch = ck.get("last_epoch", self.run.cfg.epochs)  # older checkpoints lack it
         self.bad_files.update(ck["bad_files"])
         logs.info(
             f"resumed from {path} at epoch {ck['epoch']}, batch {(ck['totals'] or {}).get('batches', 0)}"
@@ -300,14 +320,20 @@ def start_epoch(sampler, inputs: Inputs, epoch: int, start: int) -> None:
     inputs.train.epoch = epoch
 
 
-def train_step(net: nn.Module, batch, run: Run, optimizer, scheduler) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, loss, backward, optimizer and scheduler step; stops on a non-finite loss."""
+def train_step(net: nn.Module, batch, run: Run, optimizer, scheduler) -> tuple[torch.Tensor, ...]:
+    """Forward, loss, backward, optimizer and scheduler step; stops on a non-finite loss. Returns
+    the loss, the logits and the labels to score them on (with mixup or CutMix, the larger part's)."""
     x, y = to_device(batch.x, run.device), to_device(batch.y, run.device)
     if x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
+    aug, lam = run.cfg.augment, 1.0
+    if (aug.mixup > 0 or aug.cutmix > 0) and len(x) > 1:
+        x, perm, lam = mix_batch(x, aug.mixup, aug.cutmix)
     with autocast_for(run.device, training=True):
         logits = net(x)
         loss = run.loss_fn(logits, y)
+        if lam < 1:  # each label's loss in its share of the mix
+            loss = lam * loss + (1 - lam) * run.loss_fn(logits, y[perm])
     if not torch.isfinite(loss):
         files = [run.split.train[i][0] for i in batch.index.tolist()]
         raise TrainingDiverged(
@@ -328,7 +354,7 @@ def train_step(net: nn.Module, batch, run: Run, optimizer, scheduler) -> tuple[t
         ) from e
     if scheduler is not None:
         scheduler.step()
-    return loss.detach(), logits.detach()
+    return loss.detach(), logits.detach(), y if lam >= 0.5 else y[perm]
 
 
 @torch.inference_mode()

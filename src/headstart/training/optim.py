@@ -29,13 +29,30 @@ def build_optimizer(model: TransferModel, cfg: TrainConfig, *, one_lr: bool = Fa
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+class Cosine:
+    """Per-step cosine decay to 0 by the end of `epochs`; a callable object, so the scheduler's
+    state_dict (and a resumed run) keeps `epochs` where the budget shortened it (`shorten`)."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int):
+        self.epochs, self.steps_per_epoch = epochs, max(1, steps_per_epoch)
+
+    def __call__(self, step: int) -> float:
+        total = self.epochs * self.steps_per_epoch
+        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+def shorten(scheduler, epochs: int) -> None:
+    """Make a cosine schedule reach 0 by the end of `epochs` from where it stands (the lr steps down
+    once); other schedules are left as they are."""
+    for f in getattr(scheduler, "lr_lambdas", ()):
+        if isinstance(f, Cosine):
+            f.epochs = epochs
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, steps_per_epoch: int):
     """Per-step cosine decay to 0, step decay (x0.1 every step_size epochs), or constant (None)."""
-    total = max(1, cfg.epochs * steps_per_epoch)
     if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-        )
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, Cosine(cfg.epochs, steps_per_epoch))
     if cfg.schedule == "step":
         every = (cfg.step_size or max(1, cfg.epochs // 3)) * max(1, steps_per_epoch)
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=every, gamma=0.1)

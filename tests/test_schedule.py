@@ -1,0 +1,107 @@
+"""The learning-rate schedule under a budget (a run cut short still decays to 0) and batch mixing."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import headstart
+from headstart.training import loop
+from headstart.training.mixing import mix_batch
+from headstart.training.optim import Cosine, shorten
+
+from conftest import TINY
+
+
+def _scheduler(epochs: int, steps: int):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, Cosine(epochs, steps))
+
+
+def _run_epochs(opt, sched, epochs: int, steps: int) -> float:
+    for _ in range(epochs * steps):
+        opt.step()
+        sched.step()
+    return opt.param_groups[0]["lr"]
+
+
+def test_a_shortened_cosine_reaches_zero_by_its_new_last_epoch_and_survives_a_resume():
+    opt, sched = _scheduler(epochs=5, steps=10)
+    lr = _run_epochs(opt, sched, 2, 10)
+    assert lr == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 5)))
+    shorten(sched, 3)  # the budget: one more epoch, not three
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr)  # the next step takes the new length
+    state = sched.state_dict()
+    opt2, sched2 = _scheduler(epochs=5, steps=10)
+    _run_epochs(opt2, sched2, 2, 10)
+    sched2.load_state_dict(state)  # a resumed run keeps the shortened length
+    assert sched2.lr_lambdas[0].epochs == 3
+    assert _run_epochs(opt2, sched2, 1, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def _state(monkeypatch, *, now: float, deadline: float | None, epochs: int = 5):
+    opt, sched = _scheduler(epochs, 10)
+    run = SimpleNamespace(deadline=deadline, out_of_time=False, cfg=SimpleNamespace(epochs=epochs))
+    state = loop.LoopState.__new__(loop.LoopState)
+    state.run, state.scheduler, state.last_epoch = run, sched, epochs
+    monkeypatch.setattr(loop.time, "monotonic", lambda: now)
+    return state, sched
+
+
+def test_the_budget_ends_training_after_the_epochs_that_fit_and_decays_by_then(monkeypatch):
+    # after epoch 2 of 5 at 100 s each, 250 s are left: 2 more epochs fit (with 10 % slack), not 3
+    state, sched = _state(monkeypatch, now=1000.0, deadline=1250.0)
+    state.fit_budget(2, 100.0)
+    assert state.last_epoch == 4 and state.run.out_of_time
+    assert sched.lr_lambdas[0].epochs == 4
+    # not even one more fits: stop now, the schedule as it was
+    state, sched = _state(monkeypatch, now=1000.0, deadline=1050.0)
+    state.fit_budget(2, 100.0)
+    assert state.last_epoch == 2 and state.run.out_of_time and sched.lr_lambdas[0].epochs == 5
+    state, _ = _state(monkeypatch, now=1000.0, deadline=1300.0)  # 3 x 100 s, but not with the slack
+    state.fit_budget(2, 100.0)
+    assert state.last_epoch == 4
+
+
+@pytest.mark.parametrize("deadline", [None, 1340.0, 5000.0])
+def test_without_a_budget_or_with_time_enough_the_plan_stands(monkeypatch, deadline):
+    state, sched = _state(monkeypatch, now=1000.0, deadline=deadline)
+    state.fit_budget(2, 100.0)
+    assert state.last_epoch == 5 and not state.run.out_of_time and sched.lr_lambdas[0].epochs == 5
+
+
+def test_mixup_blends_each_row_with_one_other_and_cutmix_pastes_a_box():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 2, 8, 8).contiguous()
+    mixed, perm, lam = mix_batch(x, 0.2, 0.0)
+    assert 0 <= lam <= 1
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm])
+    cut, perm, lam = mix_batch(x, 0.0, 1.0)
+    own = (cut == x).float().mean(dim=(1, 2, 3))  # each row keeps `lam` of its own map
+    from_other = (cut == x[perm]).float().mean(dim=(1, 2, 3))
+    moved = perm != torch.arange(4)
+    assert torch.allclose(own[moved], torch.full_like(own[moved], lam))
+    assert torch.allclose(from_other[moved], torch.full_like(own[moved], 1 - lam))
+    flat = torch.randn(4, 6)  # pooled features: mixup even where cutmix is asked
+    mixed, perm, lam = mix_batch(flat, 0.0, 1.0)
+    assert torch.allclose(mixed, lam * flat + (1 - lam) * flat[perm])
+
+
+def test_cutmix_trains_on_cached_maps_and_scores_the_larger_parts_label(tiny_split, tmp_path, monkeypatch):
+    seen = []
+    real = loop.mix_batch
+    monkeypatch.setattr(loop, "mix_batch", lambda *a: seen.append(a[0].shape) or real(*a))
+    common = dict(backbone=TINY, weights="none", strategy="finetune", cache_prefix=True, epochs=2,
+                  batch_size=8, num_workers=0, lr=0.05)  # fmt: skip
+    plain = headstart.train(tiny_split, output=tmp_path / "plain", **common)
+    assert not seen
+    mixed = headstart.train(tiny_split, output=tmp_path / "mixed", cutmix=1.0, **common)
+    assert seen and all(len(s) == 4 for s in seen)  # prefix maps [B, C, H, W] were cut and pasted
+    assert [r["train_loss"] for r in mixed.metrics] != [r["train_loss"] for r in plain.metrics]
+    assert all(0 <= r["train_acc"] <= 1 for r in mixed.metrics)
+    assert mixed.results.frozen_tensors_changed == 0
