@@ -87,6 +87,10 @@ def test_mixup_blends_each_row_with_one_other_and_cutmix_pastes_a_box():
     moved = perm != torch.arange(4)
     assert torch.allclose(own[moved], torch.full_like(own[moved], lam))
     assert torch.allclose(from_other[moved], torch.full_like(own[moved], 1 - lam))
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)  # what the frozen engines take
+    mixed, perm, lam = mix_batch(images, 0.2, 0.0)
+    assert mixed.dtype == torch.uint8
+    assert (mixed.float() - (lam * images.float() + (1 - lam) * images[perm].float())).abs().max() <= 0.5
     flat = torch.randn(4, 6)  # pooled features: mixup even where cutmix is asked
     mixed, perm, lam = mix_batch(flat, 0.0, 1.0)
     assert torch.allclose(mixed, lam * flat + (1 - lam) * flat[perm])
@@ -105,3 +109,10 @@ def test_cutmix_trains_on_cached_maps_and_scores_the_larger_parts_label(tiny_spl
     assert [r["train_loss"] for r in mixed.metrics] != [r["train_loss"] for r in plain.metrics]
     assert all(0 <= r["train_acc"] <= 1 for r in mixed.metrics)
     assert mixed.results.frozen_tensors_changed == 0
+
+
+def test_mixup_trains_fine_tuning_on_images_through_the_frozen_prefix(tiny_split, tmp_path):
+    options = dict(backbone=TINY, weights="none", strategy="finetune", epochs=1, batch_size=8, num_workers=0)
+    result = headstart.train(tiny_split, output=tmp_path / "run", mixup=0.4, **options)
+    assert result.results.prefix_split  # the live prefix path, which takes uint8 batches
+    assert result.results.frozen_tensors_changed == 0

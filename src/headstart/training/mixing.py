@@ -23,4 +23,6 @@ def mix_batch(x: torch.Tensor, mixup: float, cutmix: float) -> tuple[torch.Tenso
         return x, perm, float(lam)
     alpha = mixup if mixup > 0 else cutmix  # pooled features have no box to cut: mix them instead
     lam = float(np.random.beta(alpha, alpha))
-    return lam * x + (1 - lam) * x[perm], perm, lam
+    mixed = lam * x.float() + (1 - lam) * x[perm].float()
+    # uint8 images (the frozen engines normalise them) stay uint8: rounding moves a pixel by < 0.5/255
+    return (mixed if x.is_floating_point() else mixed.round().to(x.dtype)), perm, lam
