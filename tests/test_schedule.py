@@ -1,4 +1,5 @@
-"""The learning-rate schedule under a budget (a run cut short still decays to 0) and batch mixing."""
+"""The learning-rate schedule under a budget (a run cut short or stretched still decays to 0) and
+batch mixing."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import headstart
 from headstart.training import loop
 from headstart.training.mixing import mix_batch
-from headstart.training.optim import Cosine, shorten
+from headstart.training.optim import Cosine, reschedule
 
 from conftest import TINY
 
@@ -29,25 +30,33 @@ def _run_epochs(opt, sched, epochs: int, steps: int) -> float:
     return opt.param_groups[0]["lr"]
 
 
-def test_a_shortened_cosine_reaches_zero_by_its_new_last_epoch_and_survives_a_resume():
+def test_a_rescheduled_cosine_goes_on_from_where_it_stands_to_zero_and_survives_a_resume():
     opt, sched = _scheduler(epochs=5, steps=10)
     lr = _run_epochs(opt, sched, 2, 10)
     assert lr == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 5)))
-    shorten(sched, 3)  # the budget: one more epoch, not three
-    assert opt.param_groups[0]["lr"] == pytest.approx(lr)  # the next step takes the new length
+    reschedule(sched, 3)  # the budget: one more epoch, not three
+    opt.step()
+    sched.step()
+    assert lr * 0.97 < opt.param_groups[0]["lr"] < lr  # no jump: one step into the faster decay
     state = sched.state_dict()
     opt2, sched2 = _scheduler(epochs=5, steps=10)
     _run_epochs(opt2, sched2, 2, 10)
-    sched2.load_state_dict(state)  # a resumed run keeps the shortened length
+    sched2.load_state_dict(state)  # a resumed run keeps the new end
     assert sched2.lr_lambdas[0].epochs == 3
     assert _run_epochs(opt2, sched2, 1, 10) == pytest.approx(0.0, abs=1e-12)
+    opt, sched = _scheduler(epochs=3, steps=10)
+    lr = _run_epochs(opt, sched, 1, 10)
+    reschedule(sched, 6)  # more time than planned: a longer, gentler decay from the same rate
+    assert [_run_epochs(opt, sched, 1, 10) for _ in range(5)][-1] == pytest.approx(0.0, abs=1e-12)
+    assert sched.lr_lambdas[0](10) == pytest.approx(lr) and sched.lr_lambdas[0](11) > 0.99 * lr
 
 
-def _state(monkeypatch, *, now: float, deadline: float | None, epochs: int = 5):
+def _state(monkeypatch, *, now: float, deadline: float | None, epochs: int = 5, most: int | None = None):
     opt, sched = _scheduler(epochs, 10)
-    run = SimpleNamespace(deadline=deadline, out_of_time=False, cfg=SimpleNamespace(epochs=epochs))
+    run = SimpleNamespace(deadline=deadline, out_of_time=False, cfg=SimpleNamespace(epochs=epochs),
+                          most_epochs=most)  # fmt: skip
     state = loop.LoopState.__new__(loop.LoopState)
-    state.run, state.scheduler, state.last_epoch = run, sched, epochs
+    state.run, state.scheduler, state.last_epoch, state.resumes = run, sched, epochs, 0
     monkeypatch.setattr(loop.time, "monotonic", lambda: now)
     return state, sched
 
@@ -65,6 +74,19 @@ def test_the_budget_ends_training_after_the_epochs_that_fit_and_decays_by_then(m
     state, _ = _state(monkeypatch, now=1000.0, deadline=1300.0)  # 3 x 100 s, but not with the slack
     state.fit_budget(2, 100.0)
     assert state.last_epoch == 4
+
+
+def test_the_first_epoch_stretches_the_run_where_the_deadline_leaves_time_up_to_the_plans_most(monkeypatch):
+    # planned 3, the first epoch took 100 s and 900 s are left: 8 more fit, the plan allows 6 in all
+    state, sched = _state(monkeypatch, now=1000.0, deadline=1900.0, epochs=3, most=6)
+    state.fit_budget(1, 100.0)
+    assert state.last_epoch == 6 and not state.run.out_of_time and sched.lr_lambdas[0].epochs == 6
+    state, _ = _state(monkeypatch, now=1000.0, deadline=1900.0, epochs=3, most=6)
+    state.fit_budget(2, 100.0)  # only the first epoch stretches (later, the learning rate is low)
+    assert state.last_epoch == 3
+    state, _ = _state(monkeypatch, now=1000.0, deadline=1900.0, epochs=3)  # no most: user's epochs
+    state.fit_budget(1, 100.0)
+    assert state.last_epoch == 3
 
 
 @pytest.mark.parametrize("deadline", [None, 1340.0, 5000.0])

@@ -8,6 +8,7 @@ early if asked. `--resume` restores a checkpoint and continues exactly where it 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 
@@ -36,7 +37,7 @@ from headstart.training.checkpoint import (
     set_rng_state,
 )
 from headstart.training.mixing import mix_batch
-from headstart.training.optim import build_optimizer, build_scheduler, shorten
+from headstart.training.optim import build_optimizer, build_scheduler, reschedule
 from headstart.training.rundir import MetricsLog
 from headstart.training.setup import Run, check_bad_fraction
 from headstart.training.strategies.base import Fitted, Inputs
@@ -62,7 +63,9 @@ def fit(run: Run, inputs: Inputs) -> Fitted:
         MetricsLog(run.out / METRICS, state.metrics, enabled=dist.is_main) as metrics,
         StopRequest() if not dist.enabled else contextlib.nullcontext() as stop,
     ):
-        for epoch in range(state.epoch, cfg.epochs + 1):
+        for epoch in itertools.count(state.epoch):  # to the last epoch, which a budget may move
+            if epoch > state.last_epoch:
+                break
             t0 = time.perf_counter()
             totals = state.totals if epoch == state.epoch and state.totals else new_totals()
             start_epoch(sampler, inputs, epoch, totals["batches"] * cfg.batch_size)
@@ -110,7 +113,7 @@ def train_epoch(net: nn.Module, loader, state: LoopState, epoch: int, totals: di
     totals["lr"] = state.optimizer.param_groups[0]["lr"] if not totals["batches"] else totals["lr"]
     n_files = len(run.split.train) + len(run.split.val)
     net.train()
-    for batch in logs.progress(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch"):
+    for batch in logs.progress(loader, desc=f"epoch {epoch}/{state.last_epoch}", unit="batch"):
         totals["batches"] += 1
         state.bad_files.update({run.split.train[i][0]: why for i, why in batch.failed})
         if batch.x is not None:
@@ -148,7 +151,7 @@ class LoopState:
             identity,
         )
         self.epoch, self.totals, self.resumes = 1, None, 0
-        self.last_epoch = run.cfg.epochs  # fewer where the budget's deadline cuts the run short
+        self.last_epoch = run.cfg.epochs  # fewer or more where a budget's deadline says so
         self.metrics: list[dict] = []
         self.bad_files: dict[str, str] = {}
         self.best = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None}
@@ -190,12 +193,12 @@ class LoopState:
                      "seconds": round(seconds, 3)})  # fmt: skip
         improved = self.keep_best(epoch, va)
         mark = "  *" if improved else ""
-        logs.info(f"epoch {epoch:>3}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  val loss "
-                  f"{va['loss']:.4f} acc {va['acc']:.4f}  {seconds:.1f}s{mark}")  # fmt: skip
+        logs.info(f"epoch {epoch:>3}/{self.last_epoch}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
+                  f"val loss {va['loss']:.4f} acc {va['acc']:.4f}  {seconds:.1f}s{mark}")  # fmt: skip
         stop_early = bool(cfg.patience and epoch - self.best["epoch"] >= cfg.patience)
         self.fit_budget(epoch, seconds)
         done = stop_early or epoch >= self.last_epoch
-        self.save(cfg.epochs + 1 if done else epoch + 1, None)
+        self.save(self.last_epoch + 1 if done else epoch + 1, None)
         if stop_early:
             logs.info(f"early stop: no val improvement for {cfg.patience} epochs")
         elif done and run.out_of_time:
@@ -205,21 +208,25 @@ class LoopState:
         return done
 
     def fit_budget(self, epoch: int, seconds: float) -> None:
-        """Under a budget, end training after the epochs that still fit at this epoch's pace; where
-        that is fewer than planned, the cosine schedule reaches 0 by the last of them (cut short as
-        planned, the last epoch would train at a high learning rate)."""
+        """Under a budget, count the epochs that still fit before the deadline at this epoch's pace.
+        Fewer than planned: training ends after them. More, after the first epoch (the time model
+        is an estimate): up to the plan's most. Either way the cosine schedule decays from where it
+        stands to 0 by the new last epoch."""
         run = self.run
-        if run.deadline is None or epoch >= self.last_epoch:
+        if run.deadline is None:
             return
         # 10 % slack: the epochs of a 60-minute CIFAR-10 run grew from 428 s to 522 s
-        fit = int(max(0.0, run.deadline - time.monotonic()) // max(1.1 * seconds, 1e-9))
-        if epoch + fit >= self.last_epoch:
+        fit = epoch + int(max(0.0, run.deadline - time.monotonic()) // max(1.1 * seconds, 1e-9))
+        if fit < self.last_epoch:
+            self.last_epoch, run.out_of_time = fit, True
+        elif epoch == 1 and self.resumes == 0 and min(fit, run.most_epochs or 0) > self.last_epoch:
+            self.last_epoch = min(fit, run.most_epochs)
+        else:
             return
-        self.last_epoch, run.out_of_time = epoch + fit, True
-        if fit:
-            shorten(self.scheduler, self.last_epoch)
-            logs.info(f"budget: {fit} more epoch(s) fit at this pace; training ends after epoch "
-                      f"{self.last_epoch}, the learning rate decaying to 0 by then")  # fmt: skip
+        if self.last_epoch > epoch:
+            reschedule(self.scheduler, self.last_epoch)
+            logs.info(f"budget: {self.last_epoch - epoch} more epoch(s) fit at this pace; training ends "
+                      f"after epoch {self.last_epoch}, the learning rate decaying to 0 by then")  # fmt: skip
 
     def save(self, epoch: int, totals: dict | None) -> None:
         """Write checkpoint.pt (rank 0): continue at `epoch`, with `totals` of a part-done epoch."""

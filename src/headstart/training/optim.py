@@ -30,23 +30,27 @@ def build_optimizer(model: TransferModel, cfg: TrainConfig, *, one_lr: bool = Fa
 
 
 class Cosine:
-    """Per-step cosine decay to 0 by the end of `epochs`; a callable object, so the scheduler's
-    state_dict (and a resumed run) keeps `epochs` where the budget shortened it (`shorten`)."""
+    """Per-step cosine decay to 0 by the end of `epochs`. `reschedule` moves that end (a budget's
+    deadline) and the decay continues from the current value, without a jump. A callable object,
+    so the scheduler's state_dict (and a resumed run) keeps where it was moved."""
 
     def __init__(self, epochs: int, steps_per_epoch: int):
         self.epochs, self.steps_per_epoch = epochs, max(1, steps_per_epoch)
+        self.from_step, self.from_value = 0, 1.0  # where the current decay began
 
     def __call__(self, step: int) -> float:
-        total = self.epochs * self.steps_per_epoch
-        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        span = max(1, self.epochs * self.steps_per_epoch - self.from_step)
+        done = min(max(0, step - self.from_step), span) / span
+        return self.from_value * 0.5 * (1 + math.cos(math.pi * done))
 
 
-def shorten(scheduler, epochs: int) -> None:
-    """Make a cosine schedule reach 0 by the end of `epochs` from where it stands (the lr steps down
-    once); other schedules are left as they are."""
+def reschedule(scheduler, epochs: int) -> None:
+    """Make a cosine schedule decay from where it stands to 0 by the end of `epochs` (fewer or more
+    than planned); other schedules are left as they are."""
+    step = getattr(scheduler, "last_epoch", 0)
     for f in getattr(scheduler, "lr_lambdas", ()):
         if isinstance(f, Cosine):
-            f.epochs = epochs
+            f.from_value, f.from_step, f.epochs = f(step), step, epochs
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, steps_per_epoch: int):

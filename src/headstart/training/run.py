@@ -81,6 +81,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, split: DataSplit | None = Non
             split=split,
             plan=plan.record if plan else None,
             deadline=plan.deadline if plan else None,
+            most_epochs=plan.most_epochs if plan else None,
         )
         try:
             inputs = strategy.inputs(r)

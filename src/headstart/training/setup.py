@@ -56,6 +56,7 @@ class Run:
     skipped: list[Skipped] = field(default_factory=list)  # files left out so far, with reasons
     plan: dict | None = None  # --strategy auto: how this recipe was chosen (plan.json)
     deadline: float | None = None  # time.monotonic() by which training must stop (auto's budget)
+    most_epochs: int | None = None  # under a deadline, the epochs training may stretch to where time allows
     out_of_time: bool = False  # the deadline ended training early (the best epoch so far was kept)
 
     @property
@@ -92,10 +93,12 @@ def setup_run(
     split: DataSplit | None = None,
     plan: dict | None = None,
     deadline: float | None = None,
+    most_epochs: int | None = None,
 ) -> Run:
     """Everything before training, for a resolved config; writes config.json and split.json (and
     auto's plan.json). `split` replaces the data folder's own split; `deadline` (time.monotonic)
-    is when training must stop, keeping the best epoch so far."""
+    is when training must stop, keeping the best epoch so far, and `most_epochs` how many epochs it
+    may train where the deadline leaves time for more than planned."""
     started = time.perf_counter()
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)  # torchrun: one process per device, rank 0 writes
@@ -155,7 +158,7 @@ def setup_run(
         started,
         list(split.skipped),
     )
-    r.plan, r.deadline = plan, deadline
+    r.plan, r.deadline, r.most_epochs = plan, deadline, most_epochs
     return r
 
 

@@ -64,6 +64,7 @@ class Plan:
     deadline: float | None  # monotonic-clock time by which training must stop
     record: dict = field(default_factory=dict)
     split: DataSplit | None = None  # a subset of the training images, where all of them do not fit
+    most_epochs: int | None = None  # the final run may train this many where the deadline allows
 
 
 def choose(
@@ -111,6 +112,7 @@ def choose(
     record["final"] = {
         "options": final.options,
         "epochs": epochs,
+        "most_epochs": final.most_epochs,
         "train_images": final.train_images,
         "predicted_seconds": round(final.seconds, 1),
     }
@@ -120,7 +122,7 @@ def choose(
         f"auto: chose {winner.name}{on}: {epochs} epochs, predicted {final.seconds:.0f}s of "
         f"{budget.left():.0f}s left"
     )
-    return Plan(final.config, budget.deadline, record, subset)
+    return Plan(final.config, budget.deadline, record, subset, final.most_epochs)
 
 
 def measure_for(cfg, split: DataSplit, budget: Budget) -> Speed:
@@ -427,6 +429,7 @@ class _Final:
     options: dict
     seconds: float
     train_images: int
+    most_epochs: int | None  # epochs the run may stretch to, where its first shows time for more
 
 
 def final_config(cfg, c: Candidate, speed: Speed, split: DataSplit, budget: Budget) -> _Final:
@@ -452,7 +455,8 @@ def final_config(cfg, c: Candidate, speed: Speed, split: DataSplit, budget: Budg
         "patience": None,  # early stopping would choose the epoch on the validation split too
     }
     final = cfg.with_overrides({**options, "strategy": c.options["strategy"]})
-    return _Final(final, options, cost(n, epochs), n)
+    most = c.epochs(hi) if c.kind != "features" else None  # head epochs on features cost next to nothing
+    return _Final(final, options, cost(n, epochs), n, most)
 
 
 def final_seconds(c: Candidate, speed: Speed, split: DataSplit, epochs: int, n: int | None = None, *,
