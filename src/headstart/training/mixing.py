@@ -19,7 +19,7 @@ def mix_batch(x: torch.Tensor, mixup: float, cutmix: float) -> tuple[torch.Tenso
     if use_cutmix:
         (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(x.shape, float(np.random.beta(cutmix, cutmix)))
         x = x.clone()
-        x[..., yl:yh, xl:xh] = x[perm][..., yl:yh, xl:xh]
+        x[..., yl:yh, xl:xh] = x[perm, :, yl:yh, xl:xh]  # only the box is gathered
         return x, perm, float(lam)
     alpha = mixup if mixup > 0 else cutmix  # pooled features have no box to cut: mix them instead
     lam = float(np.random.beta(alpha, alpha))
