@@ -72,7 +72,7 @@ def extract_features(
         raise ValueError("extract_features(load=False) needs a cache to leave the rows in")
     wanted = list(range(len(items))) if subset is None else list(subset)
     start = time.perf_counter()
-    keys, failed = _file_keys(items, wanted, view)
+    keys, failed = file_keys(items, wanted, view)
     n_unstatable = len(failed)
     before = cache.recomputed if cache is not None else 0
     hits = cache.lookup(list(keys.values())) if cache is not None else {}
@@ -82,7 +82,7 @@ def extract_features(
     writer = cache.writer(len(missing), dim) if cache is not None and missing else None
     row_of = {i: r for r, i in enumerate(missing)}
     try:
-        batches = _encode(
+        batches = encode_batches(
             engine,
             items,
             missing,
@@ -133,7 +133,7 @@ def _matrix(
     return torch.from_numpy(np.stack([live[i] for i in ok])) if ok else torch.empty(0, dim)
 
 
-def _encode(
+def encode_batches(
     engine: EngineSource,
     items,
     missing: list[int],
@@ -171,7 +171,7 @@ def _encode(
             yield batch.index.tolist(), f, failed
 
 
-def _file_keys(
+def file_keys(
     items: list[tuple[str, int]], wanted: list[int], view: int
 ) -> tuple[dict[int, str], list[Skipped]]:
     """Cache keys of the wanted items; files that cannot even be stat'ed are failures."""

@@ -248,6 +248,11 @@ class PrefixInputs:
     key: str  # cache model key: identity of the maps, for --resume
 
 
+def prefix_spec(model: TransferModel, sp: PrefixSplit, pp: Preprocess, engine: EngineChoice) -> dict:
+    """What identifies a prefix's cached maps (cache_spec): the backbone, where it is cut, the map shape."""
+    return cache_spec(model.backbone, pp, engine, prefix_split=sp.at, map_shape=list(sp.shape))
+
+
 def prefix_datasets(model: TransferModel, split: DataSplit, pp: Preprocess, opts: FeatureOptions, device,
                     dist: DistInfo = DistInfo()) -> PrefixInputs:  # fmt: skip
     """Split the model, cache the prefix maps of train and val once, and serve them as datasets."""
@@ -260,7 +265,7 @@ def prefix_datasets(model: TransferModel, split: DataSplit, pp: Preprocess, opts
         opts = dataclasses.replace(opts, cache=True, cache_dir=tmp.name)
 
     def spec_on(engine: EngineChoice) -> dict:
-        return cache_spec(model.backbone, pp, engine, prefix_split=sp.at, map_shape=list(sp.shape))
+        return prefix_spec(model, sp, pp, engine)
 
     def maps(engine: EngineChoice):
         spec = spec_on(engine)

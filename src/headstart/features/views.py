@@ -136,13 +136,19 @@ def engine_source(module, pp: Preprocess, opts: FeatureOptions, device, engine: 
     return EngineSource(engine, module, pp, device, key=spec, store=engine_store(opts), compile=opts.compile)
 
 
+def engine_for(opts: FeatureOptions, device, n_images: int, ort_spec: dict) -> EngineChoice:
+    """The engine choose_engine picks for `n_images`, knowing whether this frozen part (its cache
+    spec on ONNX Runtime: `ort_spec`) was exported before."""
+    store = engine_store(opts)
+    exported = store is not None and engine_path(ort_spec, store).is_file()
+    return choose_engine(opts.engine, device, n_images, compile=opts.compile, exported=exported)
+
+
 def with_engine(work, opts: FeatureOptions, device, n_images: int, ort_spec: dict):
     """work(EngineChoice), on the engine choose_engine picks; if ONNX Runtime turns out unable
     (export or parity), again on PyTorch, unless ONNX Runtime was asked for by name.
     `ort_spec`: the cache spec on ONNX Runtime, whose engine may already be exported."""
-    store = engine_store(opts)
-    exported = store is not None and engine_path(ort_spec, store).is_file()
-    choice = choose_engine(opts.engine, device, n_images, compile=opts.compile, exported=exported)
+    choice = engine_for(opts, device, n_images, ort_spec)
     try:
         return work(choice)
     except EngineUnavailable as e:

@@ -79,6 +79,17 @@ def backbone_for(cfg: TrainConfig, *, pretrained: bool = True) -> Backbone:
     return with_feature_blocks(backbone, cfg.feature_blocks) if cfg.feature_blocks > 1 else backbone
 
 
+def build_model(
+    cfg: TrainConfig, strategy: Strategy, classes: list[str]
+) -> tuple[TransferModel, HeadSpec, list[str]]:
+    """The run's model as it starts training: backbone, new head, the strategy's freezing; with the
+    head spec and the unfrozen module names."""
+    backbone = backbone_for(cfg, pretrained=strategy.pretrained)
+    head_spec = HeadSpec.parse(cfg.head, dropout=cfg.dropout)
+    model = TransferModel.build(backbone, head_spec, classes)
+    return model, head_spec, strategy.freeze(model, cfg)
+
+
 def preprocess_of(backbone: Backbone, image_size: int | None = None) -> Preprocess:
     """The eval preprocessing a backbone expects, optionally at another input size."""
     c = backbone.config
@@ -118,10 +129,8 @@ def setup_run(
     split, plan = _split_and_plan(cfg, out, dist, resume, split, plan)
 
     # model: backbone, new head, freezing, then the proof of what must not change
-    backbone = backbone_for(cfg, pretrained=strategy.pretrained)
-    head_spec = HeadSpec.parse(cfg.head, dropout=cfg.dropout)
-    model = TransferModel.build(backbone, head_spec, split.classes)
-    unfrozen = strategy.freeze(model, cfg)
+    model, head_spec, unfrozen = build_model(cfg, strategy, split.classes)
+    backbone = model.backbone
     trainable, frozen = count_params(model)
     proof = FrozenProof.take(model)
     model.to(device, memory_format=torch.channels_last)  # NHWC kernels: faster on CPU and GPU

@@ -17,6 +17,7 @@ from headstart.training.auto.profile import REFERENCE, DataProfile, Speed
 BASE = "efficientnet_lite0"
 LARGER = {"efficientnet_lite1": 240, "efficientnet_lite2": 260}  # other embedded backbones, native size
 RUN_OVERHEAD = 3.0  # seconds every run spends outside its epochs (model, setup, files)
+AUGMENTED_GROUPS = 2  # trainable block groups of the augmented fine-tuning on images (the only one)
 HEAD_RATE = 1e5  # images/s of head epochs on cached features (linear head, batch 32, 2 cores)
 
 
@@ -67,9 +68,10 @@ def grid(profile: DataProfile, speed: Speed, backbone: str = BASE) -> list[Candi
     for size in sizes:
         c.append(_prefix(backbone, 2, size, 1.0))
     c += [_prefix(backbone, 1, big, 1.0), _prefix(backbone, 3, big, 1.0), _prefix(backbone, 2, big, 0.1)]
-    augmented = {"strategy": "finetune", "unfreeze": 2, "image_size": big, "backbone_lr_mult": 1.0}
+    g = AUGMENTED_GROUPS
+    augmented = {"strategy": "finetune", "unfreeze": g, "image_size": big, "backbone_lr_mult": 1.0}
     c.append(
-        Candidate(f"finetune 2 groups, augmented, {big}px", "images", augmented, big, backbone, groups=2)
+        Candidate(f"finetune {g} groups, augmented, {big}px", "images", augmented, big, backbone, groups=g)
     )
     if speed.full_train:  # every layer trains, the backbone at the default 0.1 x the head's lr
         options = {"strategy": "full", "image_size": big}

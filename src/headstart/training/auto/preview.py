@@ -30,6 +30,7 @@ def preview(cfg, *, speed: Speed | None = None) -> dict:
     split = resolve_data(cfg.data, val=cfg.val, val_fraction=cfg.val_fraction, seed=cfg.seed)
     profile = DataProfile.of(split)
     speed = speed or measure_for(cfg, split, budget)
+    speed.shared_pass = True  # as auto's search prices its stages
     everything = grid(profile, speed, cfg.backbone)
     candidates = affordable(everything, speed, profile, budget.left() * SAFETY)
     k = fold_count(split)

@@ -85,6 +85,8 @@ class Speed:
     engine: str = "torch"
     engine_forward: dict[str, float] = field(default_factory=dict)
     export_seconds: float = 0.0
+    # the search runs one frozen pass for the pilots that share it (auto/shared_pass.py): priced once
+    shared_pass: bool = False
 
     def to_dict(self) -> dict:
         """Plain-JSON form (without the paths of what the search cached)."""
@@ -108,14 +110,16 @@ def measure(
     *,
     device: str = "auto",
     groups=(1, 2, 3),
+    image_groups=(1, 2, 3),
     full: bool = True,
     min_seconds: float = 0.6,
     weights: str | None = None,
     frozen_engine: str = "auto",
 ) -> Speed:
     """Time decoding real images and the backbone's forward and training steps (random weights:
-    speed does not depend on their values), and the frozen engine large extractions will use.
-    `full`: also every layer training (what prices full fine-tuning)."""
+    speed does not depend on their values), and the frozen engine large extractions will use:
+    training on cached maps with each of `groups` unfrozen, on images with each of `image_groups`,
+    and with every layer where `full` (what prices full fine-tuning)."""
     t0 = time.perf_counter()
     dev = pick_device(device)
     threads = configure_threads()
@@ -131,9 +135,11 @@ def measure(
 
         speed.forward[name] = images_per_second(infer, len(x), min_seconds=min_seconds, device=dev)
     for g in groups:
-        speed.suffix_train[g], speed.image_train[g] = _train_rates(
-            backbones[0], g, x, dev, min_seconds, weights
+        speed.suffix_train[g], on_images = _train_rates(
+            backbones[0], g, x, dev, min_seconds, weights, on_images=g in image_groups
         )
+        if g in image_groups:
+            speed.image_train[g] = on_images
     if full:
         speed.full_train = _train_rates(backbones[0], None, x, dev, min_seconds, weights)[1]
     if choose_engine(frozen_engine, dev, len(split.train) + len(split.val)).name == ORT:
@@ -205,10 +211,12 @@ def _train_rates(
     dev: torch.device,
     min_seconds: float,
     weights: str | None,
+    *,
+    on_images: bool = True,
 ) -> tuple[float, float]:
-    """Training img/s with `groups` unfrozen: on cached prefix maps, and on whole images (a weights
-    file, where the run names one, builds the architecture it fits). groups None: every layer
-    trains, on images only (the first rate is then 0)."""
+    """Training img/s with `groups` unfrozen: on cached prefix maps, and on whole images (0 unless
+    `on_images`; a weights file, where the run names one, builds the architecture it fits). groups
+    None: every layer trains, on images only (the first rate is then 0)."""
     w = "none" if weights is None or weights.lower() == "none" else weights
     model = TransferModel.build(create_backbone(backbone, weights=w), HeadSpec(), ["a", "b"])
     if groups is None:
@@ -236,4 +244,5 @@ def _train_rates(
     images = torch.randint(0, 256, tuple(x.shape), dtype=torch.uint8, generator=gen).to(dev)
     maps = live.maps(images)
     timed = lambda f: images_per_second(f, len(x), min_seconds=min_seconds, device=dev)  # noqa: E731
-    return timed(lambda: step(sp.suffix, maps)), timed(lambda: step(live, images))
+    on_maps = timed(lambda: step(sp.suffix, maps))
+    return on_maps, timed(lambda: step(live, images)) if on_images else 0.0

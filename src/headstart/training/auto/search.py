@@ -24,6 +24,7 @@ from headstart.data.layout import DataSplit, resolve_data
 from headstart.models.backbones import check_weights
 from headstart.training.auto.budget import Budget, parse_duration
 from headstart.training.auto.candidates import (
+    AUGMENTED_GROUPS,
     BASE,
     LARGER,
     Candidate,
@@ -31,6 +32,14 @@ from headstart.training.auto.candidates import (
     grid,
     learn,
     seconds,
+)
+from headstart.training.auto.costs import (
+    cached_share,
+    extraction_key,
+    final_seconds,
+    predict,
+    shared_cost,
+    stage_cost,
 )
 from headstart.training.auto.profile import DataProfile, Speed, measure, seconds_per_rate
 from headstart.training.auto.scoring import held_out_scores, rank_key, score_of, selection_metric
@@ -68,9 +77,15 @@ class Plan:
 
 
 def choose(
-    cfg, *, run: Callable, clock: Callable[[], float] = time.monotonic, speed: Speed | None = None
+    cfg,
+    *,
+    run: Callable,
+    clock: Callable[[], float] = time.monotonic,
+    speed: Speed | None = None,
+    warm: Callable | None = None,
 ) -> Plan:
-    """Measure, search and return the final run's config; `run(cfg, split=...)` trains one pilot."""
+    """Measure, search and return the final run's config; `run(cfg, split=...)` trains one pilot,
+    `warm(cfgs, split)` fills the caches of pilots that share a frozen pass (shared_pass.warm)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--strategy auto runs in one process: run it without torchrun, or name a strategy.")
     budget = Budget(parse_duration(cfg.budget), clock)
@@ -83,6 +98,7 @@ def choose(
     check_weights(cfg.backbone, cfg.weights)  # missing weights: say so now, not after the search
     profile = DataProfile.of(split)
     speed = speed or measure_for(cfg, split, budget)
+    speed.shared_pass = warm is not None
     record = {
         "budget_seconds": budget.seconds,
         "profile": dataclasses.asdict(profile),
@@ -101,7 +117,7 @@ def choose(
         record["note"] = "no search: too few images per class for an inner split, or one candidate affordable"
         logs.info(f"auto: {record['note']}")
     else:
-        winner = halving(cfg, candidates, split, speed, budget, record, run)
+        winner = halving(cfg, candidates, split, speed, budget, record, run, warm)
     final = final_config(cfg, winner, speed, split, budget)
     subset = None
     if final.train_images < profile.num_train:  # the budget cannot see every training image
@@ -135,7 +151,7 @@ def measure_for(cfg, split: DataSplit, budget: Budget) -> Speed:
         larger = [*LARGER] if long else [*SHORT_BUDGET_LARGER] if fold_count(split) > 1 else []
     images = len(split.train) + len(split.val)
     return measure(split, [cfg.backbone, *larger], device=cfg.device, weights=cfg.weights,
-                   frozen_engine=cfg.frozen_engine, full=long,
+                   frozen_engine=cfg.frozen_engine, full=long, image_groups=(AUGMENTED_GROUPS,),
                    min_seconds=seconds_per_rate(budget.seconds, images))  # fmt: skip
 
 
@@ -167,6 +183,7 @@ def halving(
     budget: Budget,
     record: dict,
     run: Callable,
+    warm: Callable | None = None,
 ) -> Candidate:
     """Stage 1: every candidate on a first held-out fold (on a subset of it where data is large);
     stage 2: the best third on more: the other folds where data is small (scores averaged over all
@@ -204,7 +221,9 @@ def halving(
             record["left_out_for_time"] = dropped
             logs.info(f"auto: {len(dropped)} candidates left out to fit the budget: "
                       f"{', '.join(dropped)}")  # fmt: skip
-        record["stages"].append(_run_stage(cfg, name, alive, subs, epochs, cost, speed, run, budget.clock))
+        record["stages"].append(
+            _run_stage(cfg, name, alive, subs, epochs, cost, speed, (run, warm), budget.clock)
+        )
         if name == "survivors":
             survived = (stage_parts, subs)
         # folds: every fold's score counts alike; one split: the second stage (more images and
@@ -216,13 +235,15 @@ def halving(
             break
     winner = alive[0] if alive else candidates[0]
     if part_only and survived is not None:
-        winner = _second_look(cfg, winner, candidates, *survived, split, speed, budget, record, run)
+        winner = _second_look(cfg, winner, candidates, *survived, split, speed, budget, record, (run, warm))
     return winner
 
 
 def _run_stage(cfg, name: str, cands, subs: list[DataSplit], epochs: int, cost: float, speed: Speed,
-               run: Callable, clock: Callable[[], float]) -> dict:  # fmt: skip
-    """Every candidate on every subset: the stage's record, predicted and actual seconds included."""
+               runners: tuple[Callable, Callable | None], clock: Callable[[], float]) -> dict:  # fmt: skip
+    """Every candidate on every subset (`runners`: run and warm, as choose takes them), after one
+    shared frozen pass where pilots share it: the stage's record, predicted and actual seconds included."""
+    run, warm = runners
     stage = {
         "name": name,
         "folds": len(subs),
@@ -234,6 +255,8 @@ def _run_stage(cfg, name: str, cands, subs: list[DataSplit], epochs: int, cost: 
     }
     t0 = clock()
     for sub in subs:
+        if warm is not None and (shared := shared_pass(cfg, cands, sub, epochs, speed, warm, clock)):
+            stage.setdefault("shared_passes", []).append(shared)
         for c in cands:
             stage["candidates"].append(pilot(cfg, c, sub, epochs, speed, run, clock))
     stage["actual_seconds"] = round(clock() - t0, 1)
@@ -242,7 +265,7 @@ def _run_stage(cfg, name: str, cands, subs: list[DataSplit], epochs: int, cost: 
 
 def _second_look(cfg, winner: Candidate, candidates, parts: list[DataSplit], subs: list[DataSplit],
                  split: DataSplit, speed: Speed, budget: Budget, record: dict,
-                 run: Callable) -> Candidate:  # fmt: skip
+                 runners: tuple[Callable, Callable | None]) -> Candidate:  # fmt: skip
     """Where the pilots saw part of the data and the winner's final run leaves time (features train
     in seconds), the winner and the best pilot of another kind (features, fine-tuning on cached
     maps, on images) run again on more images and 3 epochs, as time allows, and the higher there
@@ -258,7 +281,7 @@ def _second_look(cfg, winner: Candidate, candidates, parts: list[DataSplit], sub
     if look is None or len(look[0].train) < more:
         return winner
     record["stages"].append(
-        _run_stage(cfg, "second look", [winner, c], look, 3, cost, speed, run, budget.clock)
+        _run_stage(cfg, "second look", [winner, c], look, 3, cost, speed, runners, budget.clock)
     )
     theirs, ours = rank_key(c, len(look)), rank_key(winner, len(look))
     if theirs is not None and (ours is None or theirs < ours):  # None: the run failed there
@@ -318,9 +341,9 @@ def _gives_way(alive: list[Candidate], parts: list[DataSplit], speed: Speed, epo
     subs = stage_subsets(parts, n, seed)
     kinds = Counter(_family(c) for c in alive)
     pool = [c for c in alive if kinds[_family(c)] == max(kinds.values())]
-    whole = _stage_cost(alive, subs, speed, epochs)
+    whole = stage_cost(alive, subs, speed, epochs)
     # reversed: of candidates that save alike, the later in the grid (a variant: lr x0.1) goes first
-    saves = lambda c: whole - _stage_cost([x for x in alive if x is not c], subs, speed, epochs)  # noqa: E731
+    saves = lambda c: whole - stage_cost([x for x in alive if x is not c], subs, speed, epochs)  # noqa: E731
     return max(reversed(pool), key=saves)
 
 
@@ -332,7 +355,7 @@ def _fit_stage(cands, parts: list[DataSplit], speed: Speed, epochs: int, seconds
     n = len(parts[0].train)
     while True:
         subs = stage_subsets(parts, n, seed)
-        cost = _stage_cost(cands, subs, speed, epochs)
+        cost = stage_cost(cands, subs, speed, epochs)
         if cost <= seconds_allowed:
             return subs, cost
         if n <= floor:
@@ -343,37 +366,6 @@ def _fit_stage(cands, parts: list[DataSplit], speed: Speed, epochs: int, seconds
 def _family(c: Candidate) -> tuple[str, str]:
     """What a candidate's pilot tells apart from the others': its kind, and its backbone."""
     return c.kind, c.backbone
-
-
-def _stage_cost(cands, subs: list[DataSplit], speed: Speed, epochs: int) -> float:
-    """Predicted seconds of every candidate on every subset, in order, counting what the cache
-    holds and what earlier runs of the stage will leave in it."""
-    will = {k: set(v) for k, v in speed.extracted.items()}
-    cost = 0.0
-    for s in subs:
-        for c in cands:
-            cost += predict(c, speed, s, epochs, will)
-            will.setdefault(extraction_key(c), set()).update(p for p, _ in s.train + s.val)
-    return cost
-
-
-def predict(
-    c: Candidate, speed: Speed, split: DataSplit, epochs: int, extracted: dict | None = None
-) -> float:
-    """seconds() for a run of `c` on `split`, knowing which of its images the cache holds."""
-    paths = [p for p, _ in split.train + split.val]
-    done = (speed.extracted if extracted is None else extracted).get(extraction_key(c), set())
-    cached = sum(p in done for p in paths) / max(1, len(paths))
-    return seconds(c, speed, n=len(split.train), m=len(split.val), epochs=epochs, cached=cached)
-
-
-def extraction_key(c: Candidate) -> str:
-    """What a run of `c` leaves in the cache (features, or prefix maps at a size and split point)."""
-    blocks = c.options.get("feature_blocks", 1)
-    return {
-        "features": f"features {c.backbone} {c.size} {blocks}",
-        "prefix": f"maps {c.backbone} {c.size} {c.groups}",
-    }.get(c.kind, "")
 
 
 def pilot(
@@ -388,20 +380,10 @@ def pilot(
     """Train one candidate on the inner split; its held-out scores (held_out_scores) and its times."""
     predicted = predict(c, speed, split, epochs)
     entry = {"name": c.name, "predicted_seconds": round(predicted, 1)}
-    options = {
-        **c.options,
-        "epochs": c.epochs(epochs),
-        "calibrate": False,
-        "overwrite": True,
-        "patience": None,
-        # the user's limit on broken files holds for the whole data, in the final run: a small
-        # subset can hold more than its share of them
-        "max_bad_fraction": 1.0,
-    }
     t0 = clock()
     with tempfile.TemporaryDirectory(prefix="headstart-auto-") as tmp, _quiet():
         try:
-            r = run(cfg.with_overrides({**options, "output": str(Path(tmp) / "run")}), split=split).results
+            r = run(pilot_config(cfg, c, epochs, str(Path(tmp) / "run")), split=split).results
             entry |= held_out_scores(cfg, r)
             if key := extraction_key(c):  # later runs find these images in the cache
                 speed.extracted.setdefault(key, set()).update(p for p, _ in split.train + split.val)
@@ -423,6 +405,51 @@ def pilot(
     return entry
 
 
+def pilot_config(cfg, c: Candidate, epochs: int, output: str):
+    """The TrainConfig of `c`'s pilot run."""
+    options = {
+        **c.options,
+        "epochs": c.epochs(epochs),
+        "calibrate": False,
+        "overwrite": True,
+        "patience": None,
+        # the user's limit on broken files holds for the whole data, in the final run: a small
+        # subset can hold more than its share of them
+        "max_bad_fraction": 1.0,
+        "output": output,
+    }
+    return cfg.with_overrides(options)
+
+
+def shared_pass(cfg, cands, split: DataSplit, epochs: int, speed: Speed, warm: Callable,
+                clock: Callable[[], float]) -> dict | None:  # fmt: skip
+    """The frozen passes that the pilots of `cands` on `split` share, run once (warm), after which
+    the cache holds what each of them would compute: their record, predicted and actual seconds
+    included (None where no pilots share one)."""
+    will = {k: set(v) for k, v in speed.extracted.items()}
+    predicted = shared_cost(cands, split, speed, will)
+    if not predicted:
+        return None
+    t0 = clock()
+    with _quiet():
+        passes = warm([pilot_config(cfg, c, epochs, "unused") for c in cands], split)
+    paths = {p for p, _ in split.train + split.val}
+    served = [cands[i] for p in passes for i in p["served"]]
+    for c in served:
+        speed.extracted.setdefault(extraction_key(c), set()).update(paths)
+    entry = {
+        "served": [c.name for c in served],
+        "images": len(paths),
+        "computed": sum(p["images"] for p in passes),
+        "predicted_seconds": round(predicted, 1),
+        "actual_seconds": round(clock() - t0, 1),
+    }
+    learn(speed, "features", predicted, entry["actual_seconds"])
+    logs.info(f"auto: one frozen pass on {len(paths)} images for {len(served)} pilots, "
+              f"{entry['actual_seconds']:.0f}s (predicted {predicted:.0f}s)")  # fmt: skip
+    return entry
+
+
 @dataclass
 class _Final:
     config: object
@@ -436,7 +463,7 @@ def final_config(cfg, c: Candidate, speed: Speed, split: DataSplit, budget: Budg
     """The winner on the whole training split with as many epochs as fit in what is left (on a
     stratified subset of it, where even the fewest epochs on all of it would not fit)."""
     n, left = len(split.train), SAFETY * budget.left()
-    seen = _cached_share(c, speed, split)  # once: cost() runs for every epoch count tried
+    seen = cached_share(c, speed, split)  # once: cost() runs for every epoch count tried
 
     def cost(n: int, epochs: int) -> float:
         return final_seconds(c, speed, split, epochs, n, seen=seen)
@@ -457,23 +484,6 @@ def final_config(cfg, c: Candidate, speed: Speed, split: DataSplit, budget: Budg
     final = cfg.with_overrides({**options, "strategy": c.options["strategy"]})
     most = c.epochs(hi) if c.kind != "features" else None  # head epochs on features cost next to nothing
     return _Final(final, options, cost(n, epochs), n, most)
-
-
-def final_seconds(c: Candidate, speed: Speed, split: DataSplit, epochs: int, n: int | None = None, *,
-                  seen: float | None = None) -> float:  # fmt: skip
-    """Predicted seconds of `c`'s final run on n of the training images (all by default), counting
-    the training images whose features or maps the search left in the cache (`seen`, their share,
-    where the caller has it)."""
-    n = len(split.train) if n is None else n
-    m = len(split.val)
-    seen = _cached_share(c, speed, split) if seen is None else seen
-    return seconds(c, speed, n=n, m=m, epochs=epochs, cached=seen * n / (n + m))
-
-
-def _cached_share(c: Candidate, speed: Speed, split: DataSplit) -> float:
-    """The share of the training images whose features or maps for `c` the search left in the cache."""
-    done = speed.extracted.get(extraction_key(c), set())
-    return sum(p in done for p, _ in split.train) / max(1, len(split.train))
 
 
 @contextlib.contextmanager

@@ -16,7 +16,10 @@ class Auto(Strategy):
 
     def choose(self, cfg, *, run: Callable) -> Plan:
         """The final run's config and deadline; `run` trains each pilot (training.run.run)."""
-        return choose(cfg, run=run)
+        # imported here: it selects strategies from the registry, which imports this module
+        from headstart.training.auto.shared_pass import warm
+
+        return choose(cfg, run=run, warm=warm)
 
     def freeze(self, model, cfg) -> list[str]:
         raise AssertionError("auto chooses another strategy before anything is built")

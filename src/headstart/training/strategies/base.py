@@ -62,6 +62,9 @@ class Strategy(ABC):
     pretrained: bool = True  # False: the backbone starts from random weights
     one_lr: bool = False  # True: the backbone trains at the head's learning rate
     seconds_key: str = "train_loop_seconds"  # results.json name of the fitting time
+    # what it computes once per image with the frozen backbone: "features", prefix "maps", or None
+    # (auto's shared pass computes these for several pilots at once: training/auto/shared_pass.py)
+    frozen_outputs: str | None = None
 
     @abstractmethod
     def freeze(self, model: nn.Module, cfg) -> list[str]:

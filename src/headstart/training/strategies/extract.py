@@ -13,6 +13,7 @@ class Extract(Strategy):
     """Feature extraction: a forward pass per image, once; head epochs cost milliseconds."""
 
     name, default_epochs, default_lr = "extract", 30, 1e-3
+    frozen_outputs = "features"
     seconds_key = "head_train_seconds"
 
     def freeze(self, model, cfg) -> list[str]:

@@ -13,6 +13,7 @@ class FinetuneCachedPrefix(Finetune):
     """Fine-tuning on cached maps of the frozen blocks."""
 
     name, variant = "finetune-cache-prefix", ("finetune", "cache_prefix")
+    frozen_outputs = "maps"
 
     def inputs(self, run: Run) -> Inputs:
         return prefix_inputs(run)
