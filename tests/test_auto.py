@@ -407,6 +407,10 @@ def test_plan_previews_every_candidate_and_the_pilots_a_budget_allows(tmp_path, 
     left_out = [r for r in rows.values() if r["affordable"] and not r["piloted"]]
     assert bool(left_out) == (budget == "45s")  # the same candidates `train` would leave out
     assert p["pilot_seconds"] <= 0.5 * search.SEARCH_SHARE * parse_duration(budget)
+    # the stage: one frozen pass for the pilots that share it, then each pilot reading the cache
+    each = sum(r["pilot_seconds"] for r in piloted)
+    assert p["pilot_seconds"] == pytest.approx(p["shared_pass_seconds"] + each, abs=0.1 * len(piloted))
+    assert (p["shared_pass_seconds"] > 0) == (budget == "10m")
     assert p["selected_by"] == "accuracy"
 
 

@@ -340,6 +340,11 @@ def cmd_plan(a: argparse.Namespace) -> int:
     pilots = (
         f"{p['pilot_images']} training + {p['pilot_val_images']} held-out images, predicted "
         f"{p['pilot_seconds']:.0f}s"
+        + (
+            f" (one shared frozen pass {p['shared_pass_seconds']:.0f}s, then the pilots)"
+            if p["shared_pass_seconds"]
+            else ""
+        )
         if p["pilot_images"]
         else "none affordable"
     )

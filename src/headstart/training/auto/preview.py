@@ -8,6 +8,7 @@ import dataclasses
 from headstart.data.layout import resolve_data
 from headstart.training.auto.budget import Budget, parse_duration
 from headstart.training.auto.candidates import grid
+from headstart.training.auto.costs import shared_cost
 from headstart.training.auto.profile import DataProfile, Speed
 from headstart.training.auto.scoring import selection_metric
 from headstart.training.auto.search import (
@@ -37,10 +38,13 @@ def preview(cfg, *, speed: Speed | None = None) -> dict:
     first = folds(split, cfg.seed, k)[0]
     search_seconds = search_share(speed, split, budget.seconds) * budget.left()
     piloted, subs, cost = plan_pilots(candidates, first, speed, profile.classes, search_seconds, cfg.seed)
+    # the pilots' frozen passes run once where they share one (shared_pass.py); each pilot then reads
+    will = {k: set(v) for k, v in speed.extracted.items()}
+    shared = shared_cost(piloted, subs[0], speed, will) if subs else 0.0
     rows = []
     for c in everything:
         final = final_config(cfg, c, speed, split, budget)
-        pilot_s = round(predict(c, speed, subs[0], PILOT_EPOCHS), 1) if subs and c in piloted else None
+        pilot_s = round(predict(c, speed, subs[0], PILOT_EPOCHS, will), 1) if subs and c in piloted else None
         rows.append(
             {
                 "name": c.name,
@@ -62,5 +66,6 @@ def preview(cfg, *, speed: Speed | None = None) -> dict:
         "pilot_images": len(subs[0].train) if subs else None,
         "pilot_val_images": len(subs[0].val) if subs else None,
         "pilot_seconds": round(cost, 1) if cost else None,
+        "shared_pass_seconds": round(shared, 1),
         "candidates": rows,
     }
