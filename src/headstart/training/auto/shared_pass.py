@@ -19,7 +19,7 @@ from headstart.features.taps import Taps, Target, fill_caches
 from headstart.features.views import cache_spec, engine_for, open_cache
 from headstart.models.backbones import Backbone, with_feature_blocks
 from headstart.training.setup import backbone_for, build_model, preprocess_of, seed_everything
-from headstart.training.strategies import select
+from headstart.training.strategies.base import select
 
 TORCH = EngineChoice("torch")
 

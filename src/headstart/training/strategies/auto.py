@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from headstart.training.auto.search import Plan, choose
+from headstart.training.auto.shared_pass import warm
 from headstart.training.strategies.base import Fitted, Inputs, Strategy
 
 
@@ -16,9 +17,6 @@ class Auto(Strategy):
 
     def choose(self, cfg, *, run: Callable) -> Plan:
         """The final run's config and deadline; `run` trains each pilot (training.run.run)."""
-        # imported here: it selects strategies from the registry, which imports this module
-        from headstart.training.auto.shared_pass import warm
-
         return choose(cfg, run=run, warm=warm)
 
     def freeze(self, model, cfg) -> list[str]:
