@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from bad_images import text_as_jpg
 from test_auto import _fake_runner, speed
 
 from headstart.data.layout import resolve_data
@@ -132,3 +133,15 @@ def test_the_search_runs_the_shared_pass_before_its_pilots_and_records_it(tmp_pa
         )
         < RUN_OVERHEAD + 0.1
     )  # the pilots are priced as cached once the pass ran
+
+
+def test_a_broken_file_is_left_to_each_pilot_to_report(tiny_split, tmp_path):
+    bad = tiny_split / "train" / "red" / "broken.png"
+    text_as_jpg(bad)
+    split = resolve_data(str(tiny_split))
+    cfgs = _configs(tiny_split, tmp_path / "c", tmp_path / "o", max_bad_fraction=1.0)
+    (p,) = warm(cfgs, split)
+    assert (p["images"], p["failed"]) == (35, 1)
+    r = run(cfgs[4]).results  # it tries the file again, reports it, and reads the rest from the cache
+    assert [s["path"] for s in r.skipped_files] == [str(bad)]
+    assert (r.features_extracted, r.features_from_cache) == (0, 34)
