@@ -145,3 +145,20 @@ def test_a_broken_file_is_left_to_each_pilot_to_report(tiny_split, tmp_path):
     r = run(cfgs[4]).results  # it tries the file again, reports it, and reads the rest from the cache
     assert [s["path"] for s in r.skipped_files] == [str(bad)]
     assert (r.features_extracted, r.features_from_cache) == (0, 34)
+
+
+def test_on_onnx_runtime_one_exported_pass_serves_them_too(tiny_split, tmp_path):
+    split = resolve_data(str(tiny_split))
+    shared = _configs(tiny_split, tmp_path / "shared", tmp_path / "a", frozen_engine="onnxruntime")
+    (p,) = warm(shared, split)
+    assert (p["engine"], p["served"], p["images"]) == ("onnxruntime", [0, 1, 2, 3, 4], 34)
+    alone = _configs(tiny_split, tmp_path / "alone", tmp_path / "b", frozen_engine="onnxruntime")
+    for a, b in zip(shared[:5], alone[:5], strict=True):
+        ra, rb = run(a).results, run(b).results
+        assert (ra.cache_hit_rate, ra.features_extracted) == (1.0, 0)
+        assert rb.frozen_engine["name"] == "onnxruntime"  # the rows are keyed by the engine: these match
+        assert ra.val_loss == pytest.approx(rb.val_loss, abs=1e-4)
+    ours, theirs = _rows(tmp_path / "shared"), _rows(tmp_path / "alone")
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        np.testing.assert_allclose(ours[k], theirs[k], rtol=2e-3, atol=1e-3)

@@ -16,7 +16,7 @@ from torch import nn
 
 from headstart.data.transforms import Preprocess, eval_transform
 from headstart.features.cache import FeatureCache
-from headstart.features.engine import EngineChoice, EngineSource
+from headstart.features.engine import EngineSource
 from headstart.features.extract import encode_batches, file_keys
 from headstart.models.backbones import Backbone
 
@@ -55,10 +55,10 @@ class Target:
     columns: slice
 
 
-def fill_caches(items: list[tuple[str, int]], taps: Taps, pp: Preprocess, targets: list[Target], *, device,
-                batch_size: int = 64, num_workers: int | None = None) -> dict:  # fmt: skip
-    """Decode each image of `items` that some target's cache lacks, once, run the Taps once, and
-    stream each target's columns into a new shard of its cache; the figures of the pass."""
+def fill_caches(items: list[tuple[str, int]], engine: EngineSource, pp: Preprocess, targets: list[Target], *,
+                device, batch_size: int = 64, num_workers: int | None = None) -> dict:  # fmt: skip
+    """Decode each image of `items` that some target's cache lacks, once, run the engine (of a Taps)
+    once, and stream each target's columns into a new shard of its cache; the figures of the pass."""
     start = time.perf_counter()
     keys, failed = file_keys(items, list(range(len(items))), 0)
     todo = []  # per target: the items its cache lacks, in order
@@ -68,10 +68,6 @@ def fill_caches(items: list[tuple[str, int]], taps: Taps, pp: Preprocess, target
     union = sorted(set().union(*todo))
     dims = [t.columns.stop - t.columns.start for t in targets]
     writers = [t.cache.writer(len(m), d) if m else None for t, m, d in zip(targets, todo, dims, strict=True)]
-    # PyTorch, as the runs that would read these rows pick it (their cache specs say so)
-    engine = EngineSource(
-        EngineChoice("torch", note="auto's shared pass"), taps, pp, device, key={}, store=None
-    )
     try:
         batches = encode_batches(engine, items, union, eval_transform(pp, uint8=True), device=device,
                                  batch_size=batch_size, num_workers=num_workers, draft=pp.resize_size,

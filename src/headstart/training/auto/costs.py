@@ -4,7 +4,6 @@ they share) and a final run, knowing what the cache already holds."""
 from __future__ import annotations
 
 from headstart.data.layout import DataSplit
-from headstart.features.engine import MIN_IMAGES_FOR_ORT, ORT
 from headstart.training.auto.candidates import RUN_OVERHEAD, Candidate, extraction_seconds, seconds
 from headstart.training.auto.profile import REFERENCE, Speed
 
@@ -41,32 +40,32 @@ def extraction_key(c: Candidate) -> str:
     }.get(c.kind, "")
 
 
-def sharing(cands, split: DataSplit, speed: Speed) -> list[list[Candidate]]:
+def sharing(cands, split: DataSplit) -> list[list[Candidate]]:
     """Groups of two or more candidates whose pilots on `split` would each run the same frozen pass
-    (features or maps of one backbone at one size, on PyTorch): what shared_pass.warm runs once."""
-    images = len(split.train) + len(split.val)
+    (features or maps of one backbone at one size): what shared_pass.warm runs once."""
     groups: dict[tuple, list[Candidate]] = {}
     for c in cands:
-        on_ort = speed.engine == ORT and images >= MIN_IMAGES_FOR_ORT and c.backbone in speed.engine_forward
-        if c.kind in ("features", "prefix") and not on_ort:
+        if c.kind in ("features", "prefix"):
             groups.setdefault((c.backbone, c.size), []).append(c)
     return [g for g in groups.values() if len(g) > 1]
 
 
 def shared_cost(cands, split: DataSplit, speed: Speed, will: dict) -> float:
     """Predicted seconds of the shared passes on `split` (the images some member's cache lacks, once
-    each); marks in `will` what they leave in the cache."""
+    each, on the engine the members would use, with its export); marks in `will` what they leave
+    in the cache."""
     if not speed.shared_pass:
         return 0.0
     paths = [p for p, _ in split.train + split.val]
     cost = 0.0
-    for group in sharing(cands, split, speed):
+    for group in sharing(cands, split):
         keys = {extraction_key(c) for c in group}
         lacking = sum(any(p not in will.get(k, ()) for k in keys) for p in paths)
         if lacking:  # priced as a features run: what the pass does is that run's extraction
-            px = (group[0].size / REFERENCE) ** 2
-            factor = speed.correction.get("features", 1.0)
-            cost += RUN_OVERHEAD + factor * extraction_seconds(speed, group[0].backbone, lacking, px=px)
+            c = group[0]
+            px, cached = (c.size / REFERENCE) ** 2, 1 - lacking / len(paths)
+            extract = extraction_seconds(speed, c.backbone, len(paths), px=px, cached=cached)
+            cost += RUN_OVERHEAD + speed.correction.get("features", 1.0) * extract
         for k in keys:
             will.setdefault(k, set()).update(paths)
     return cost

@@ -9,14 +9,16 @@ On the ant/bee photos five pilots computed it for themselves, about 4 s each on 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+from headstart.core import logs
 from headstart.core.device import pick_device
 from headstart.data.layout import DataSplit
 from headstart.features.cache import FeatureCache
-from headstart.features.engine import ORT, EngineChoice
+from headstart.features.engine import ORT, EngineChoice, EngineSource, EngineUnavailable
 from headstart.features.prefix import prefix_spec, split_model
 from headstart.features.taps import Taps, Target, fill_caches
-from headstart.features.views import cache_spec, engine_for, open_cache
+from headstart.features.views import cache_spec, engine_for, engine_store, open_cache
 from headstart.models.backbones import Backbone, with_feature_blocks
 from headstart.training.setup import backbone_for, build_model, preprocess_of, seed_everything
 from headstart.training.strategies.base import select
@@ -26,9 +28,9 @@ TORCH = EngineChoice("torch")
 
 def warm(cfgs: list, split: DataSplit) -> list[dict]:
     """One pass over `split`'s images for each group of two or more `cfgs` that read features or
-    prefix maps of the same backbone, weights and preprocessing on PyTorch (where their own runs
-    would compute them; ONNX Runtime has its own rows); what each pass did, and for which of
-    `cfgs` ("served": their indices)."""
+    prefix maps of the same backbone, weights and preprocessing, on the engine their runs would
+    compute them on (the engine is part of the rows' cache key); what each pass did, and for which
+    of `cfgs` ("served": their indices)."""
     groups: dict[tuple, list] = {}
     for i, cfg in enumerate(cfgs):
         strategy = select(cfg)
@@ -40,7 +42,7 @@ def warm(cfgs: list, split: DataSplit) -> list[dict]:
 
 
 def _passes(members: list, split: DataSplit) -> list[dict]:
-    """The passes of one backbone: one per input size that two or more members share."""
+    """The passes of one backbone: one per input size (and engine) that two or more members share."""
     cfg0 = members[0][1]
     seed_everything(cfg0.seed)  # as setup_run does before it builds: random weights ("none") match
     base = backbone_for(cfg0.with_overrides({"feature_blocks": 1}))
@@ -48,53 +50,94 @@ def _passes(members: list, split: DataSplit) -> list[dict]:
     by_size: dict[str, list] = {}
     for i, cfg, strategy in members:
         pp = preprocess_of(base, cfg.image_size)
-        by_size.setdefault(repr(pp.to_dict()), []).append((i, cfg, strategy, pp))
-    return [_one_pass(base, same, split, device) for same in by_size.values() if len(same) > 1]
+        by_size.setdefault(repr(pp.to_dict()), []).append((i, cfg, strategy))
+    passes = []
+    for same in by_size.values():
+        pp = preprocess_of(base, same[0][1].image_size)
+        by_engine: dict[str, list[_Output]] = {}
+        for out in _outputs(base, same, split, pp, device):
+            by_engine.setdefault(out.engine, []).append(out)
+        passes += [
+            _fill(base, outs, engine, split, pp, device)
+            for engine, outs in by_engine.items()
+            if len(outs) > 1
+        ]
+    return passes
 
 
-def _one_pass(base: Backbone, members: list, split: DataSplit, device) -> dict:
-    """Fill the caches of the members (one input size) that their runs would compute on PyTorch."""
-    pp = members[0][3]
+@dataclass
+class _Output:
+    """One member's rows: its cache spec on the engine its run would pick, and where they come from."""
+
+    index: int  # in warm's cfgs
+    cfg: object
+    spec: dict
+    at: str | None  # the module whose input is the member's prefix map; None: pooled features
+    width: int
+    blocks: int  # pooled blocks of features (1 for maps)
+    engine: str
+
+
+def _outputs(base: Backbone, members: list, split: DataSplit, pp, device) -> list[_Output]:
+    """What each member's run would cache, built as the run builds it, on the engine it would pick
+    (where it would also use these weights)."""
     weights = cache_spec(base, pp, TORCH)["weights"]
-    blocks = max(
-        [cfg.feature_blocks for _, cfg, s, _ in members if s.frozen_outputs == "features"], default=1
-    )
-    maps: list[str] = []
-    wanted = []  # (cfg, cache spec, map module or None for features, row width)
-    served = []
-    for i, cfg, strategy, _ in members:
+    outs = []
+    for i, cfg, strategy in members:
         if strategy.frozen_outputs == "features":
             b = with_feature_blocks(base, cfg.feature_blocks)
             n = (len(split.train) + len(split.val)) * cfg.cache_views
-            spec, at, width = cache_spec(b, pp, TORCH), None, b.feature_dim
-            ort = cache_spec(b, pp, EngineChoice(ORT))
+            at, width = None, b.feature_dim
+            specs = {e: cache_spec(b, pp, EngineChoice(e)) for e in ("torch", ORT)}
         else:  # the model as the run builds it: its freezing decides where the prefix ends
             seed_everything(cfg.seed)
             model, _, _ = build_model(cfg, strategy, split.classes)
             sp = split_model(model, input_size=pp.input_size)
             n = len(split.train) * cfg.cache_views + len(split.val)
-            spec, at, width = prefix_spec(model, sp, pp, TORCH), sp.at, math.prod(sp.shape)
-            ort = prefix_spec(model, sp, pp, EngineChoice(ORT))
-        if spec["weights"] != weights or engine_for(cfg.feature_options(), device, n, ort).name != "torch":
+            at, width = sp.at, math.prod(sp.shape)
+            specs = {e: prefix_spec(model, sp, pp, EngineChoice(e)) for e in ("torch", ORT)}
+        if specs["torch"]["weights"] != weights:
             continue
-        if at is not None and at not in maps:
-            maps.append(at)
-        wanted.append((cfg, spec, at, width))
-        served.append(i)
+        engine = engine_for(cfg.feature_options(), device, n, specs[ORT]).name
+        blocks = cfg.feature_blocks if at is None else 1
+        outs.append(_Output(i, cfg, specs[engine], at, width, blocks, engine))
+    return outs
+
+
+def _fill(base: Backbone, outs: list[_Output], engine: str, split: DataSplit, pp, device) -> dict:
+    """One pass of Taps on `engine` that fills the caches of `outs`; what it did ("served": the
+    indices of the members it served; none where ONNX Runtime cannot run the Taps)."""
+    maps = list(dict.fromkeys(o.at for o in outs if o.at is not None))
+    blocks = max(o.blocks for o in outs)
     taps = Taps(with_feature_blocks(base, blocks), maps)
-    widths = [next(w for _, _, a, w in wanted if a == at) for at in maps]
-    starts = {at: sum(widths[:i]) for i, at in enumerate(maps)}
+    widths = [next(o.width for o in outs if o.at == at) for at in maps]
     total = sum(widths) + taps.backbone.feature_dim
+    starts = {at: sum(widths[:k]) for k, at in enumerate(maps)}
+    opts = outs[0].cfg.feature_options()
+    key = {**cache_spec(base, pp, TORCH), "taps": maps, "taps_blocks": blocks}
+    choice = EngineChoice(engine, note="auto's shared pass")
+    source = EngineSource(choice, taps, pp, device, key=key, store=engine_store(opts))
     caches: list[FeatureCache] = []
-    targets = []
     try:
-        for cfg, spec, at, width in wanted:
-            caches.append(open_cache(spec, cfg.feature_options()))
-            first = starts[at] if at is not None else total - width
-            targets.append(Target(caches[-1], slice(first, first + width)))
-        done = fill_caches(split.train + split.val, taps, pp, targets, device=device,
-                           num_workers=wanted[0][0].num_workers) if targets else {"images": 0}  # fmt: skip
+        targets = []
+        for o in outs:
+            caches.append(open_cache(o.spec, o.cfg.feature_options()))
+            first = starts[o.at] if o.at is not None else total - o.width
+            targets.append(Target(caches[-1], slice(first, first + o.width)))
+        done = fill_caches(
+            split.train + split.val, source, pp, targets, device=device, num_workers=opts.num_workers
+        )
+    except EngineUnavailable as e:  # each member computes its own, and falls back as its run does
+        logs.info(f"auto: no shared frozen pass on {engine} ({e})")
+        return {
+            "size": pp.input_size,
+            "engine": engine,
+            "served": [],
+            "images": 0,
+            "failed": 0,
+            "note": str(e),
+        }
     finally:
         for c in caches:
             c.close()
-    return {"size": pp.input_size, "served": served, **done}
+    return {"size": pp.input_size, "engine": engine, "served": [o.index for o in outs], **done}
