@@ -14,7 +14,9 @@ from headstart.core.errors import ConfigError
 from headstart.data.layout import DataSplit, resolve_data
 from headstart.training.auto import search
 from headstart.training.auto.budget import Budget, parse_duration
-from headstart.training.auto.candidates import REFERENCE, Candidate, grid, seconds, sizes_for
+from headstart.training.auto.candidates import REFERENCE, Candidate, grid, learn, seconds, sizes_for
+from headstart.training.auto.costs import predict
+from headstart.training.auto.pilots import Runners
 from headstart.training.auto.preview import preview
 from headstart.training.auto.profile import DataProfile, Speed
 from headstart.training.auto.splits import folds, subset
@@ -138,7 +140,7 @@ def _fake_runner(clock: list[float], sp: Speed, seen: list, slow: float = 1.2):
         c = Candidate("x", kind, options, cfg.image_size or REFERENCE, cfg.backbone,
                       groups=cfg.unfreeze if cfg.strategy == "finetune" else 0)  # fmt: skip
         # the machine is `slow` x the measured speeds, whatever the search has learnt of it so far
-        clock[0] += slow * search.predict(c, dataclasses.replace(sp, correction={}), split, cfg.epochs)
+        clock[0] += slow * predict(c, dataclasses.replace(sp, correction={}), split, cfg.epochs)
         labels = sum(y for _, y in split.val) + sum(y for _, y in split.train)
         acc = (hash((cfg.strategy, cfg.unfreeze, cfg.image_size, cfg.feature_blocks, labels)) % 1000) / 1000
         return TrainResult(split.root, RunResults(val_accuracy=acc, val_loss=1 - acc), [])
@@ -167,13 +169,13 @@ def test_the_search_leaves_the_final_run_its_time_on_a_fake_clock(tmp_path, budg
 
 def test_the_time_model_learns_from_every_run_the_long_ones_most():
     sp = speed()
-    search.learn(sp, "prefix", 13.0, 15.0)  # a short cold pilot: 12 s for 10 predicted, past the 3 s overhead
+    learn(sp, "prefix", 13.0, 15.0)  # a short cold pilot: 12 s for 10 predicted, past the 3 s overhead
     assert sp.correction["prefix"] == pytest.approx(1.2)
-    search.learn(sp, "prefix", 3 + 1.2 * 100, 3 + 80)  # predicted with 1.2; it took 80 for 100
+    learn(sp, "prefix", 3 + 1.2 * 100, 3 + 80)  # predicted with 1.2; it took 80 for 100
     assert sp.correction["prefix"] == pytest.approx((12 + 80) / (10 + 100))  # not 1.2, nor 0.8
-    search.learn(sp, "prefix", 4.0, 40.0)  # too short to tell the model from the overhead: ignored
+    learn(sp, "prefix", 4.0, 40.0)  # too short to tell the model from the overhead: ignored
     assert sp.correction["prefix"] == pytest.approx(92 / 110)
-    search.learn(sp, "features", 3 + 100, 3 + 1000)
+    learn(sp, "features", 3 + 100, 3 + 1000)
     assert sp.correction == {"prefix": pytest.approx(92 / 110), "features": 4.0}  # kinds apart, clamped
     assert "observed" not in sp.to_dict() and sp.to_dict()["correction"] == sp.correction
 
@@ -279,7 +281,7 @@ def test_on_one_split_the_larger_second_stage_decides_not_the_pilots():
 
     cfg = TrainConfig(data="d", strategy="auto", budget="10m").resolved()
     budget, record = Budget(600, lambda: 0.0), {"stages": []}
-    winner = search.halving(cfg, cands, split, speed(decode=20.0), budget, record, run)
+    winner = search.halving(cfg, cands, split, speed(decode=20.0), budget, record, Runners(run))
     assert record["folds"] == 1 and [len(s["candidates"]) for s in record["stages"]] == [2, 2]
     assert winner.name == "extract, 3 blocks"
 
@@ -299,7 +301,9 @@ def test_balanced_class_weights_rank_candidates_by_balanced_accuracy(weights):
 
     cfg = TrainConfig(data="d", strategy="auto", budget="10m", class_weights=weights).resolved()
     record = {"stages": []}
-    winner = search.halving(cfg, cands, split, speed(decode=20.0), Budget(600, lambda: 0.0), record, run)
+    winner = search.halving(
+        cfg, cands, split, speed(decode=20.0), Budget(600, lambda: 0.0), record, Runners(run)
+    )
     assert winner.name == ("extract, 3 blocks" if weights == "balanced" else "extract")
     entry = record["stages"][0]["candidates"][0]
     assert entry["score"] == (entry["balanced_accuracy"] if weights == "balanced" else entry["accuracy"])
@@ -319,7 +323,9 @@ def test_a_recipe_that_fails_is_recorded_and_never_wins():
 
     cfg = TrainConfig(data="d", strategy="auto", budget="10m").resolved()
     record = {"stages": []}
-    winner = search.halving(cfg, cands, split, speed(decode=20.0), Budget(600, lambda: 0.0), record, run)
+    winner = search.halving(
+        cfg, cands, split, speed(decode=20.0), Budget(600, lambda: 0.0), record, Runners(run)
+    )
     assert winner.name == "extract, 3 blocks"
     failed = next(e for e in record["stages"][0]["candidates"] if e["name"] == "extract")
     assert failed["score"] is None and failed["accuracy"] is None and "does not apply" in failed["error"]
@@ -426,7 +432,7 @@ def test_pilots_see_enough_images_and_the_most_numerous_kind_makes_way():
     assert "extract efficientnet_lite1" in [c.name for c in cands]
     floor = search.pilot_floor(parts[0], 10)
     assert floor == search.PILOT_FLOOR == 500
-    at_floor = [search.predict(c, sp, subset(parts[0], floor, 250, 0), 2) for c in cands]
+    at_floor = [predict(c, sp, subset(parts[0], floor, 250, 0), 2) for c in cands]
     allowed = 0.6 * sum(at_floor)
     alive, subs, cost = search.pilots_that_fit(cands, parts, sp, 2, allowed, 0, floor)
     assert len(subs[0].train) >= floor and cost <= allowed and 2 <= len(alive) < len(cands)
@@ -460,7 +466,7 @@ def test_the_second_stage_gets_what_the_pilots_left_of_the_search_share():
 
     cfg = TrainConfig(data="d", strategy="auto", budget="10m").resolved()
     budget, record = Budget(600, lambda: 0.0), {"stages": []}
-    search.halving(cfg, cands, split, sp, budget, record, run)
+    search.halving(cfg, cands, split, sp, budget, record, Runners(run))
     share = search.search_share(sp, split, 600) * 600
     pilots, survivors = record["stages"]
     assert pilots["predicted_seconds"] <= 0.5 * share < survivors["predicted_seconds"] <= share
@@ -495,7 +501,7 @@ def test_a_second_look_lets_fine_tuning_rank_on_more_images_where_the_final_leav
     cfg = TrainConfig(data="d", strategy="auto", budget="1h").resolved()
     record, clock = {"stages": []}, [0.0]
     run = _scripted(table, clock, step)
-    winner = search.halving(cfg, cands, split, sp, Budget(3600, lambda: clock[0]), record, run)
+    winner = search.halving(cfg, cands, split, sp, Budget(3600, lambda: clock[0]), record, Runners(run))
     names = [s["name"] for s in record["stages"]]
     assert [len(s["candidates"]) for s in record["stages"][:2]] == [4, 2]
     if step == 200:  # 1,200 s of a 3,600-s budget spent on the search: time for a look

@@ -12,7 +12,7 @@ from headstart.data.layout import resolve_data
 from headstart.features.cache import FeatureCache
 from headstart.training.auto import search
 from headstart.training.auto.candidates import RUN_OVERHEAD, Candidate, grid
-from headstart.training.auto.costs import stage_cost
+from headstart.training.auto.costs import predict, stage_cost
 from headstart.training.auto.profile import REFERENCE, DataProfile
 from headstart.training.auto.shared_pass import warm
 from headstart.training.options import TrainConfig
@@ -125,7 +125,7 @@ def test_the_search_runs_the_shared_pass_before_its_pilots_and_records_it(tmp_pa
     assert {c.output for c in calls[0][0]} == {"unused"} and all(not c.calibrate for c in calls[0][0])
     assert (
         sp.shared_pass
-        and search.predict(
+        and predict(
             next(c for c in grid(DataProfile.of(seen[0]), sp) if c.name == "extract"),
             sp,
             seen[0],

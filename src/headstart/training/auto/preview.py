@@ -8,7 +8,7 @@ import dataclasses
 from headstart.data.layout import resolve_data
 from headstart.training.auto.budget import Budget, parse_duration
 from headstart.training.auto.candidates import grid
-from headstart.training.auto.costs import shared_cost
+from headstart.training.auto.costs import predict, shared_cost
 from headstart.training.auto.profile import DataProfile, Speed
 from headstart.training.auto.scoring import selection_metric
 from headstart.training.auto.search import (
@@ -18,7 +18,6 @@ from headstart.training.auto.search import (
     final_config,
     measure_for,
     plan_pilots,
-    predict,
     search_share,
 )
 from headstart.training.auto.splits import fold_count, folds

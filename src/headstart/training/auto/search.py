@@ -7,19 +7,15 @@ until the final model is scored, once. Predicted and actual seconds of every run
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from headstart.core import logs
-from headstart.core.errors import ConfigError, HeadstartError, RunInterrupted
+from headstart.core.errors import ConfigError
 from headstart.data.layout import DataSplit, resolve_data
 from headstart.models.backbones import check_weights
 from headstart.training.auto.budget import Budget, parse_duration
@@ -30,19 +26,16 @@ from headstart.training.auto.candidates import (
     Candidate,
     extraction_seconds,
     grid,
-    learn,
     seconds,
 )
 from headstart.training.auto.costs import (
     cached_share,
-    extraction_key,
     final_seconds,
-    predict,
-    shared_cost,
     stage_cost,
 )
+from headstart.training.auto.pilots import Runners, run_stage
 from headstart.training.auto.profile import DataProfile, Speed, measure, seconds_per_rate
-from headstart.training.auto.scoring import held_out_scores, rank_key, score_of, selection_metric
+from headstart.training.auto.scoring import rank_key, score_of, selection_metric
 from headstart.training.auto.splits import fold_count, folds, sample, stage_subsets
 
 SEARCH_SHARE = 0.45  # of the budget left after measuring: pilots and the second stage together
@@ -117,7 +110,7 @@ def choose(
         record["note"] = "no search: too few images per class for an inner split, or one candidate affordable"
         logs.info(f"auto: {record['note']}")
     else:
-        winner = halving(cfg, candidates, split, speed, budget, record, run, warm)
+        winner = halving(cfg, candidates, split, speed, budget, record, Runners(run, warm))
     final = final_config(cfg, winner, speed, split, budget)
     subset = None
     if final.train_images < profile.num_train:  # the budget cannot see every training image
@@ -182,8 +175,7 @@ def halving(
     speed: Speed,
     budget: Budget,
     record: dict,
-    run: Callable,
-    warm: Callable | None = None,
+    runners: Runners,
 ) -> Candidate:
     """Stage 1: every candidate on a first held-out fold (on a subset of it where data is large);
     stage 2: the best third on more: the other folds where data is small (scores averaged over all
@@ -221,9 +213,7 @@ def halving(
             record["left_out_for_time"] = dropped
             logs.info(f"auto: {len(dropped)} candidates left out to fit the budget: "
                       f"{', '.join(dropped)}")  # fmt: skip
-        record["stages"].append(
-            _run_stage(cfg, name, alive, subs, epochs, cost, speed, (run, warm), budget.clock)
-        )
+        record["stages"].append(run_stage(cfg, name, alive, subs, epochs, cost, speed, runners, budget.clock))
         if name == "survivors":
             survived = (stage_parts, subs)
         # folds: every fold's score counts alike; one split: the second stage (more images and
@@ -235,37 +225,13 @@ def halving(
             break
     winner = alive[0] if alive else candidates[0]
     if part_only and survived is not None:
-        winner = _second_look(cfg, winner, candidates, *survived, split, speed, budget, record, (run, warm))
+        winner = _second_look(cfg, winner, candidates, *survived, split, speed, budget, record, runners)
     return winner
-
-
-def _run_stage(cfg, name: str, cands, subs: list[DataSplit], epochs: int, cost: float, speed: Speed,
-               runners: tuple[Callable, Callable | None], clock: Callable[[], float]) -> dict:  # fmt: skip
-    """Every candidate on every subset (`runners`: run and warm, as choose takes them), after one
-    shared frozen pass where pilots share it: the stage's record, predicted and actual seconds included."""
-    run, warm = runners
-    stage = {
-        "name": name,
-        "folds": len(subs),
-        "train_images": len(subs[0].train),
-        "val_images": len(subs[0].val),
-        "epochs": epochs,
-        "predicted_seconds": round(cost, 1),
-        "candidates": [],
-    }
-    t0 = clock()
-    for sub in subs:
-        if warm is not None and (shared := shared_pass(cfg, cands, sub, epochs, speed, warm, clock)):
-            stage.setdefault("shared_passes", []).append(shared)
-        for c in cands:
-            stage["candidates"].append(pilot(cfg, c, sub, epochs, speed, run, clock))
-    stage["actual_seconds"] = round(clock() - t0, 1)
-    return stage
 
 
 def _second_look(cfg, winner: Candidate, candidates, parts: list[DataSplit], subs: list[DataSplit],
                  split: DataSplit, speed: Speed, budget: Budget, record: dict,
-                 runners: tuple[Callable, Callable | None]) -> Candidate:  # fmt: skip
+                 runners: Runners) -> Candidate:  # fmt: skip
     """Where the pilots saw part of the data and the winner's final run leaves time (features train
     in seconds), the winner and the best pilot of another kind (features, fine-tuning on cached
     maps, on images) run again on more images and 3 epochs, as time allows, and the higher there
@@ -281,7 +247,7 @@ def _second_look(cfg, winner: Candidate, candidates, parts: list[DataSplit], sub
     if look is None or len(look[0].train) < more:
         return winner
     record["stages"].append(
-        _run_stage(cfg, "second look", [winner, c], look, 3, cost, speed, runners, budget.clock)
+        run_stage(cfg, "second look", [winner, c], look, 3, cost, speed, runners, budget.clock)
     )
     theirs, ours = rank_key(c, len(look)), rank_key(winner, len(look))
     if theirs is not None and (ours is None or theirs < ours):  # None: the run failed there
@@ -368,88 +334,6 @@ def _family(c: Candidate) -> tuple[str, str]:
     return c.kind, c.backbone
 
 
-def pilot(
-    cfg,
-    c: Candidate,
-    split: DataSplit,
-    epochs: int,
-    speed: Speed,
-    run: Callable,
-    clock: Callable[[], float] = time.monotonic,
-) -> dict:
-    """Train one candidate on the inner split; its held-out scores (held_out_scores) and its times."""
-    predicted = predict(c, speed, split, epochs)
-    entry = {"name": c.name, "predicted_seconds": round(predicted, 1)}
-    t0 = clock()
-    with tempfile.TemporaryDirectory(prefix="headstart-auto-") as tmp, _quiet():
-        try:
-            r = run(pilot_config(cfg, c, epochs, str(Path(tmp) / "run")), split=split).results
-            entry |= held_out_scores(cfg, r)
-            if key := extraction_key(c):  # later runs find these images in the cache
-                speed.extracted.setdefault(key, set()).update(p for p, _ in split.train + split.val)
-        except RunInterrupted:  # Ctrl-C or SIGTERM: stop searching, not just this pilot
-            raise
-        except HeadstartError as e:  # a recipe that does not apply here (e.g. a backbone that cannot split)
-            entry |= dict.fromkeys(("accuracy", "balanced_accuracy", "loss", "score")) | {
-                "error": f"{type(e).__name__}: {e}"[:300]
-            }
-    entry["actual_seconds"] = round(clock() - t0, 1)
-    learn(speed, c.cost_kind, predicted, entry["actual_seconds"])
-    c.scores.append(entry)
-    metric = selection_metric(cfg).replace("_", " ")
-    acc = f"inner {metric} {entry['score']:.4f}" if entry.get("accuracy") is not None else entry.get("error")
-    logs.info(
-        f"auto: {c.name} on {len(split.train)} images: {acc}, {entry['actual_seconds']:.0f}s "
-        f"(predicted {predicted:.0f}s)"
-    )
-    return entry
-
-
-def pilot_config(cfg, c: Candidate, epochs: int, output: str):
-    """The TrainConfig of `c`'s pilot run."""
-    options = {
-        **c.options,
-        "epochs": c.epochs(epochs),
-        "calibrate": False,
-        "overwrite": True,
-        "patience": None,
-        # the user's limit on broken files holds for the whole data, in the final run: a small
-        # subset can hold more than its share of them
-        "max_bad_fraction": 1.0,
-        "output": output,
-    }
-    return cfg.with_overrides(options)
-
-
-def shared_pass(cfg, cands, split: DataSplit, epochs: int, speed: Speed, warm: Callable,
-                clock: Callable[[], float]) -> dict | None:  # fmt: skip
-    """The frozen passes that the pilots of `cands` on `split` share, run once (warm), after which
-    the cache holds what each of them would compute: their record, predicted and actual seconds
-    included (None where no pilots share one)."""
-    will = {k: set(v) for k, v in speed.extracted.items()}
-    predicted = shared_cost(cands, split, speed, will)
-    if not predicted:
-        return None
-    t0 = clock()
-    with _quiet():
-        passes = warm([pilot_config(cfg, c, epochs, "unused") for c in cands], split)
-    paths = {p for p, _ in split.train + split.val}
-    served = [cands[i] for p in passes for i in p["served"]]
-    for c in served:
-        speed.extracted.setdefault(extraction_key(c), set()).update(paths)
-    entry = {
-        "served": [c.name for c in served],
-        "images": len(paths),
-        "computed": sum(p["images"] for p in passes),
-        "predicted_seconds": round(predicted, 1),
-        "actual_seconds": round(clock() - t0, 1),
-    }
-    learn(speed, "features", predicted, entry["actual_seconds"])
-    logs.info(f"auto: one frozen pass on {len(paths)} images for {len(served)} pilots, "
-              f"{entry['actual_seconds']:.0f}s (predicted {predicted:.0f}s)")  # fmt: skip
-    return entry
-
-
 @dataclass
 class _Final:
     config: object
@@ -484,16 +368,3 @@ def final_config(cfg, c: Candidate, speed: Speed, split: DataSplit, budget: Budg
     final = cfg.with_overrides({**options, "strategy": c.options["strategy"]})
     most = c.epochs(hi) if c.kind != "features" else None  # head epochs on features cost next to nothing
     return _Final(final, options, cost(n, epochs), n, most)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Pilot runs log at WARNING: the plan's own lines say what happened."""
-    log = logs.logger
-    level = log.level
-    if log.isEnabledFor(logging.INFO):
-        log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        log.setLevel(level)

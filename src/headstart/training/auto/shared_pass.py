@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from headstart.core import logs
 from headstart.core.device import pick_device
+from headstart.core.errors import ConfigError
 from headstart.data.layout import DataSplit
 from headstart.features.cache import FeatureCache
 from headstart.features.engine import ORT, EngineChoice, EngineSource, EngineUnavailable
@@ -92,7 +93,10 @@ def _outputs(base: Backbone, members: list, split: DataSplit, pp, device) -> lis
         else:  # the model as the run builds it: its freezing decides where the prefix ends
             seed_everything(cfg.seed)
             model, _, _ = build_model(cfg, strategy, split.classes)
-            sp = split_model(model, input_size=pp.input_size)
+            try:
+                sp = split_model(model, input_size=pp.input_size)
+            except ConfigError:  # its own run says why (e.g. a backbone that is not a chain)
+                continue
             n = len(split.train) * cfg.cache_views + len(split.val)
             at, width = sp.at, math.prod(sp.shape)
             specs = {e: prefix_spec(model, sp, pp, EngineChoice(e)) for e in ("torch", ORT)}
