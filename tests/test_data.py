@@ -98,3 +98,29 @@ def test_ramped_loader_serves_the_same_items_in_order():
     assert sum(ramped, []) == list(range(100))
     plain = make_loader(data, batch_size=32, shuffle=False, num_workers=0)
     assert [len(b.index) for b in plain] == [32, 32, 32, 4]
+
+
+@pytest.mark.parametrize(("side", "size"), [((500, 375), 224), ((32, 32), 192), ((41, 97), 128)])
+def test_tensor_preprocessing_gives_pil_pixels_and_contiguous_batches(side, size):
+    """The uint8-tensor resize (fast) against PIL's (what the models were first trained with):
+    at most 2 of 255 apart, on under 3 % of the pixels; every output contiguous, in every form."""
+    from torchvision import transforms as v1
+
+    from headstart.data.transforms import Augment, Preprocess, eval_transform, train_transform
+
+    pp = Preprocess(size, (0.5,) * 3, (0.5,) * 3)
+    rng = np.random.default_rng(0)
+    smooth = rng.integers(0, 256, (side[1] // 8 + 1, side[0] // 8 + 1, 3), dtype=np.uint8)
+    img = Image.fromarray(smooth).resize(side, Image.BILINEAR)  # photo-like: smooth, with edges
+    pil = v1.Compose([v1.Resize(pp.resize_size, interpolation=v1.InterpolationMode.BICUBIC),
+                      v1.CenterCrop(size), v1.PILToTensor()])(img)  # fmt: skip
+    ours = eval_transform(pp, uint8=True)(img)
+    assert ours.dtype == torch.uint8 and ours.shape == pil.shape == (3, size, size) and ours.is_contiguous()
+    diff = (ours.int() - pil.int()).abs()
+    assert int(diff.max()) <= 2 and float((diff > 0).float().mean()) < 0.03
+    floats = eval_transform(pp)(img)
+    assert floats.dtype == torch.float32 and -1 <= float(floats.min()) and float(floats.max()) <= 1
+    torch.testing.assert_close(floats, ours.float() / 127.5 - 1, atol=1e-5, rtol=0)
+    for aug in (Augment(), Augment(rotation=10, color_jitter=0.3, vflip=True)):
+        x = train_transform(pp, aug, uint8=True)(img)
+        assert x.dtype == torch.uint8 and x.shape == (3, size, size) and x.is_contiguous()

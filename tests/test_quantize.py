@@ -80,6 +80,27 @@ def test_a_blank_calibration_is_refused_and_leaves_no_file(exported, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".int8-*"))
 
 
+def test_with_fallbacks_a_blank_calibration_keeps_only_a_model_that_really_agrees(exported, tmp_path):
+    """All-int8 on blank calibration is refused; a fallback may pass (on this tiny model, keeping
+    the first convolutions in float does), and then the file written agrees with the float model on
+    the validation images when measured again, outside the gate."""
+    out = tmp_path / "m.int8.onnx"
+    blank = np.zeros((16, 3, 160, 160), np.float32)
+    try:
+        attempts = quantize_int8(exported, exported / "model.onnx", output=out, calibration=blank).attempts
+    except QuantizationGateError as e:
+        attempts = e.attempts
+        assert not out.exists()
+    assert not attempts[0].passed and all(not a.passed for a in attempts[:-1])
+    if attempts[-1].passed:
+        from headstart.inference.onnx import load_onnx
+
+        val = sorted(str(p) for p in (exported.parent / "data" / "val").rglob("*.png"))
+        f = [p.labels[0] for p in load_onnx(exported / "model.onnx").predict(val, num_workers=0)]
+        q = [p.labels[0] for p in load_onnx(out).predict(val, num_workers=0)]
+        assert np.mean(np.array(f) == np.array(q)) >= 0.99 and attempts[-1].agreement >= 0.99
+
+
 def test_cli_export_quantize(exported):
     r = run_cli("export", exported, "--quantize", "int8", "--calibration-images", "16")
     assert r.returncode == 0, r.stderr

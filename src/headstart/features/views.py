@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from headstart.core import logs
 from headstart.core.distributed import DistInfo, all_gather_objects, shard
 from headstart.data.layout import DataSplit, Skipped
-from headstart.data.transforms import Augment, Preprocess, eval_transform, train_transform
+from headstart.data.transforms import PIXELS, Augment, Preprocess, eval_transform, train_transform
 from headstart.features.cache import FeatureCache, default_cache_dir, model_key, weights_checksum
 from headstart.features.engine import (
     ORT,
@@ -103,6 +103,7 @@ def cache_spec(backbone, pp: Preprocess, engine: EngineChoice, **extra) -> dict:
         "arch": backbone.config.arch,
         "weights": weights_checksum(backbone),
         "preprocess": pp.to_dict(),
+        "pixels": PIXELS,
         **extra,
     }
     if backbone.config.feature_blocks > 1:  # absent otherwise, so existing caches keep their keys
