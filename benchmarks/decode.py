@@ -16,16 +16,7 @@ import time
 
 import numpy as np
 import torch
-
-
-def old_eval(pp):
-    """The PIL pipeline: resize and crop on PIL images, then PILToTensor."""
-    from torchvision import transforms as v1
-
-    from headstart.data.transforms import _interp
-
-    return v1.Compose([v1.Resize(pp.resize_size, interpolation=_interp(pp.interpolation)),
-                       v1.CenterCrop(pp.input_size), v1.PILToTensor()])  # fmt: skip
+from _pil import pil_eval
 
 
 def per_image(tf, images: list) -> float:
@@ -66,7 +57,8 @@ def main() -> None:
     paths = sorted(expand_inputs([a.folder])[0])
     paths = paths[:: max(1, len(paths) // a.limit)][: a.limit]
     decoded = [load_image(p, draft=pp.resize_size) for p in paths]
-    pipelines = {"uint8 tensors (now)": eval_transform(pp, uint8=True), "PIL (before)": old_eval(pp)}
+    now, before = eval_transform(pp, uint8=True), pil_eval(pp, uint8=True)
+    pipelines = {"uint8 tensors (now)": now, "PIL (before)": before}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = {}
@@ -87,7 +79,6 @@ def main() -> None:
     (n_tf, n_both, n_rate), (o_tf, o_both, o_rate) = rows.values()
     print(f"ratio (now/before): transform {o_tf / n_tf:.2f}x faster, "
           f"decode+transform {o_both / n_both:.2f}x, loader {n_rate / o_rate:.2f}x")  # fmt: skip
-    now, before = pipelines.values()
     diffs = [(now(im).int() - before(im).int()).abs() for im in decoded]
     worst = max(int(d.max()) for d in diffs)
     mean = np.mean([float(d.float().mean()) for d in diffs])

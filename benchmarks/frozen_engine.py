@@ -2,7 +2,8 @@
 frozen engine, and the accuracy each engine's features give. One run, same images, quiet machine.
 
 1. speed on the first --limit images (train, then val), each path from files to features:
-   - before: float transform in the loader workers + the PyTorch fast path (headstart until now)
+   - before: float transform (PIL resize) in the loader workers + the PyTorch fast path (headstart
+     before the frozen engine and the uint8-tensor preprocessing)
    - torch:  uint8 transform + PyTorch fast path, normalised in the engine
    - onnxruntime: uint8 transform + ONNX Runtime (export and parity check included, counted once)
 2. accuracy: `headstart train DATA --strategy extract` with --frozen-engine torch and onnxruntime,
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from _data import HYMENOPTERA
 from _lite0 import frozen_lite0
+from _pil import pil_eval
 
 from headstart.data.layout import resolve_data
 from headstart.data.loading import ImageDataset, make_loader
@@ -34,9 +36,10 @@ CPU = torch.device("cpu")
 
 
 def before(bb, pp, items) -> float:
-    """Seconds for the path headstart took until now: float tensors from the workers, PyTorch."""
+    """Seconds for the path headstart took until the frozen engine: float tensors from the workers
+    (resized on PIL, as until 2026-12-07), PyTorch."""
     net = inference_model(bb, CPU)
-    loader = make_loader(ImageDataset(items, eval_transform(pp), draft=pp.resize_size), batch_size=64,
+    loader = make_loader(ImageDataset(items, pil_eval(pp, uint8=False), draft=pp.resize_size), batch_size=64,
                          shuffle=False, ramp=True)  # fmt: skip
     t = time.perf_counter()
     with torch.inference_mode():
@@ -79,7 +82,7 @@ def main() -> None:
             t_warm, _ = now(bb, pp, items, "onnxruntime", Path(tmp))
         n = len(items)
         print(f"{data}: {n} images, {threads} threads")
-        print(f"  before (float loader + PyTorch):        {n / base:6.1f} img/s")
+        print(f"  before (float PIL loader + PyTorch):    {n / base:6.1f} img/s")
         print(f"  torch engine (uint8 loader):            {n / t_torch:6.1f} img/s  {base / t_torch:.2f}x")
         print(f"  onnxruntime, export included (first):   {n / t_cold:6.1f} img/s  {base / t_cold:.2f}x "
               f"(export {t_cold - t_warm:.1f}s)")  # fmt: skip
