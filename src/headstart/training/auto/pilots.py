@@ -135,9 +135,10 @@ def shared_pass(cfg, cands, split: DataSplit, epochs: int, speed: Speed, warm: C
         "predicted_seconds": round(predicted, 1),
         "actual_seconds": round(clock() - t0, 1),
     }
-    learn(speed, "features", predicted, entry["actual_seconds"])
-    logs.info(f"auto: one frozen pass on {len(paths)} images for {len(served)} pilots, "
-              f"{entry['actual_seconds']:.0f}s (predicted {predicted:.0f}s)")  # fmt: skip
+    if entry["computed"]:  # a pass is a features run's extraction: it corrects their predictions
+        learn(speed, "features", predicted, entry["actual_seconds"])
+    logs.info(f"auto: {len(passes)} shared frozen pass(es) on {len(paths)} images for {len(served)} "
+              f"pilots, {entry['actual_seconds']:.0f}s (predicted {predicted:.0f}s)")  # fmt: skip
     return entry
 
 
