@@ -41,7 +41,7 @@ def _configs(data, cache, out, **extra) -> list[TrainConfig]:
     ]
 
 
-def _rows(cache_root) -> dict[str, np.ndarray]:
+def _rows(cache_root) -> dict[tuple[str, str], np.ndarray]:
     """Every cached row of every cache folder, by (spec, image key), in float32."""
     rows = {}
     for spec in sorted(cache_root.glob("*/spec.json")):
@@ -74,7 +74,7 @@ def test_one_pass_leaves_each_pilot_the_rows_it_would_compute_itself(tiny_split,
     assert warm(shared, split)[0]["images"] == 0  # a second pass finds everything cached
 
 
-def test_pilots_that_would_compute_on_another_engine_are_not_served(tiny_split, tmp_path):
+def test_a_pilot_alone_on_its_engine_or_without_a_cache_is_not_served(tiny_split, tmp_path):
     split = resolve_data(str(tiny_split))
     cfgs = _configs(tiny_split, tmp_path / "c", tmp_path / "o")
     cfgs[3] = cfgs[3].with_overrides({"frozen_engine": "onnxruntime"})  # its rows are keyed by that engine
