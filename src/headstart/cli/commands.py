@@ -341,7 +341,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         f"{p['pilot_images']} training + {p['pilot_val_images']} held-out images, predicted "
         f"{p['pilot_seconds']:.0f}s"
         + (
-            f" (one shared frozen pass {p['shared_pass_seconds']:.0f}s, then the pilots)"
+            f" (shared frozen passes {p['shared_pass_seconds']:.0f}s, then the pilots)"
             if p["shared_pass_seconds"]
             else ""
         )

@@ -37,7 +37,7 @@ def preview(cfg, *, speed: Speed | None = None) -> dict:
     first = folds(split, cfg.seed, k)[0]
     search_seconds = search_share(speed, split, budget.seconds) * budget.left()
     piloted, subs, cost = plan_pilots(candidates, first, speed, profile.classes, search_seconds, cfg.seed)
-    # the pilots' frozen passes run once where they share one (shared_pass.py); each pilot then reads
+    # frozen passes run once for the pilots that share them (shared_pass.py); each pilot reads the cache
     will = {k: set(v) for k, v in speed.extracted.items()}
     shared = shared_cost(piloted, subs[0], speed, will) if subs else 0.0
     rows = []
