@@ -40,9 +40,9 @@ def extraction_key(c: Candidate) -> str:
     }.get(c.kind, "")
 
 
-def sharing(cands, split: DataSplit) -> list[list[Candidate]]:
-    """Groups of two or more candidates whose pilots on `split` would each run the same frozen pass
-    (features or maps of one backbone at one size): what shared_pass.warm runs once."""
+def sharing(cands) -> list[list[Candidate]]:
+    """Groups of two or more candidates whose pilots on one subset would each run the same frozen
+    pass (features or maps of one backbone at one size): what shared_pass.warm runs once."""
     groups: dict[tuple, list[Candidate]] = {}
     for c in cands:
         if c.kind in ("features", "prefix"):
@@ -58,7 +58,7 @@ def shared_cost(cands, split: DataSplit, speed: Speed, will: dict) -> float:
         return 0.0
     paths = [p for p, _ in split.train + split.val]
     cost = 0.0
-    for group in sharing(cands, split):
+    for group in sharing(cands):
         keys = {extraction_key(c) for c in group}
         lacking = sum(any(p not in will.get(k, ()) for k in keys) for p in paths)
         if lacking:  # priced as a features run: what the pass does is that run's extraction

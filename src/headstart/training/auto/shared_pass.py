@@ -15,6 +15,7 @@ from headstart.core import logs
 from headstart.core.device import pick_device
 from headstart.core.errors import ConfigError
 from headstart.data.layout import DataSplit
+from headstart.data.transforms import Preprocess
 from headstart.features.cache import FeatureCache
 from headstart.features.engine import ORT, EngineChoice, EngineSource, EngineUnavailable
 from headstart.features.prefix import prefix_spec, split_model
@@ -48,13 +49,11 @@ def _passes(members: list, split: DataSplit) -> list[dict]:
     seed_everything(cfg0.seed)  # as setup_run does before it builds: random weights ("none") match
     base = backbone_for(cfg0.with_overrides({"feature_blocks": 1}))
     device = pick_device(cfg0.device)
-    by_size: dict[str, list] = {}
+    by_size: dict[Preprocess, list] = {}
     for i, cfg, strategy in members:
-        pp = preprocess_of(base, cfg.image_size)
-        by_size.setdefault(repr(pp.to_dict()), []).append((i, cfg, strategy))
+        by_size.setdefault(preprocess_of(base, cfg.image_size), []).append((i, cfg, strategy))
     passes = []
-    for same in by_size.values():
-        pp = preprocess_of(base, same[0][1].image_size)
+    for pp, same in by_size.items():
         by_engine: dict[str, list[_Output]] = {}
         for out in _outputs(base, same, split, pp, device):
             by_engine.setdefault(out.engine, []).append(out)
@@ -125,7 +124,7 @@ def _fill(base: Backbone, outs: list[_Output], engine: str, split: DataSplit, pp
     try:
         targets = []
         for o in outs:
-            caches.append(open_cache(o.spec, o.cfg.feature_options()))
+            caches.append(open_cache(o.spec, opts))  # one cache folder: members are grouped by it
             first = starts[o.at] if o.at is not None else total - o.width
             targets.append(Target(caches[-1], slice(first, first + o.width)))
         done = fill_caches(
