@@ -134,18 +134,23 @@ def _fake_runner(clock: list[float], sp: Speed, seen: list, slow: float = 1.2):
 
     def run(cfg, *, split):
         seen.append(split)
-        images = cfg.strategy in ("finetune", "full")
-        kind = "prefix" if cfg.cache_prefix else "images" if images else "features"
-        options = {"strategy": cfg.strategy, "feature_blocks": cfg.feature_blocks}
-        c = Candidate("x", kind, options, cfg.image_size or REFERENCE, cfg.backbone,
-                      groups=cfg.unfreeze if cfg.strategy == "finetune" else 0)  # fmt: skip
-        # the machine is `slow` x the measured speeds, whatever the search has learnt of it so far
-        clock[0] += slow * predict(c, dataclasses.replace(sp, correction={}), split, cfg.epochs)
+        _advance(clock, sp, cfg, split, slow)
         labels = sum(y for _, y in split.val) + sum(y for _, y in split.train)
         acc = (hash((cfg.strategy, cfg.unfreeze, cfg.image_size, cfg.feature_blocks, labels)) % 1000) / 1000
         return TrainResult(split.root, RunResults(val_accuracy=acc, val_loss=1 - acc), [])
 
     return run
+
+
+def _advance(clock: list[float], sp: Speed, cfg, split: DataSplit, slow: float = 1.0) -> None:
+    """Advance the fake clock by `slow` x the time `cfg`'s run on `split` takes on the measured
+    speeds, whatever the search has learnt of the machine so far."""
+    images = cfg.strategy in ("finetune", "full")
+    kind = "prefix" if cfg.cache_prefix else "images" if images else "features"
+    options = {"strategy": cfg.strategy, "feature_blocks": cfg.feature_blocks}
+    c = Candidate("x", kind, options, cfg.image_size or REFERENCE, cfg.backbone,
+                  groups=cfg.unfreeze if cfg.strategy == "finetune" else 0)  # fmt: skip
+    clock[0] += slow * predict(c, dataclasses.replace(sp, correction={}), split, cfg.epochs)
 
 
 @pytest.mark.parametrize("budget", ["2m", "10m", "1h"])
@@ -511,3 +516,44 @@ def test_a_second_look_lets_fine_tuning_rank_on_more_images_where_the_final_leav
         assert look["train_images"] > survivors["train_images"] and look["epochs"] == 3
     else:  # the search took 3,000 s: no time for a look besides the final run
         assert "second look" not in names and winner.name == "extract"
+
+
+@pytest.mark.parametrize("budget", [3600, 36_000])
+def test_the_second_stage_compares_recipes_at_the_final_runs_shares_of_time(budget):
+    """A recipe twice as slow per epoch trains fewer epochs in the final run, so it trains fewer in
+    the second stage too: at equal epochs it wins there (0.82 against 0.80) and then trains half
+    as long; in the final run's shares of time it loses (0.78). Where both final runs would train
+    their most epochs, both train alike."""
+    items = [(f"{i}.jpg", i % 10) for i in range(50_000)]
+    split = DataSplit([str(c) for c in range(10)], items[:40_000], items[40_000:], "folders")
+    sp = speed()  # 3 groups train at half the images/s of 2
+    cands = [c for c in grid(DataProfile(40_000, 10_000, 10, 4000, 32), sp) if c.kind == "prefix"]
+    two, three = (next(c for c in cands if c.groups == g and c.size == 192) for g in (2, 3))
+    table = {(2, 2): 0.70, (3, 2): 0.72, (2, 3): 0.80, (3, 3): 0.82}
+    later = {(3, 2): 0.78}  # 3 groups, 2 epochs, on the second stage's images
+
+    clock = [0.0]
+
+    def run(cfg, split):  # takes the time predicted
+        _advance(clock, sp, cfg, split)
+        key = (cfg.unfreeze, cfg.epochs)
+        acc = later.get(key, table[key]) if len(split.train) > 5000 else table[key]
+        return TrainResult("", RunResults(val_accuracy=acc, val_loss=1 - acc), [])
+
+    cfg = TrainConfig(data="d", strategy="auto", budget=f"{budget}s").resolved()
+    record = {"stages": []}
+    final = {c.name: search.final_fit(c, sp, split, 0.6 * budget)[1] for c in (two, three)}
+    winner = search.halving(cfg, [two, three], split, sp, Budget(budget, lambda: clock[0]), record,
+                            Runners(run))  # fmt: skip
+    pilots, survivors = record["stages"]
+    assert pilots["epochs"] == search.PILOT_EPOCHS
+    if budget == 3600:
+        assert final[three.name] < final[two.name]  # what the shares come from
+        assert survivors["epochs"] == {two.name: 3, three.name: 2}
+        assert {e["name"]: e["accuracy"] for e in survivors["candidates"]} == {
+            two.name: 0.80,
+            three.name: 0.78,
+        }
+        assert winner is two
+    else:
+        assert survivors["epochs"] == 3 and winner is three

@@ -3,12 +3,21 @@ they share) and a final run, knowing what the cache already holds."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from headstart.data.layout import DataSplit
 from headstart.training.auto.candidates import RUN_OVERHEAD, Candidate, extraction_seconds, seconds
 from headstart.training.auto.profile import REFERENCE, Speed
 
+Epochs = int | Mapping[str, int]  # a stage's epochs: one count for all, or one per candidate's name
 
-def stage_cost(cands, subs: list[DataSplit], speed: Speed, epochs: int) -> float:
+
+def epochs_for(epochs: Epochs, c: Candidate) -> int:
+    """The epochs `c` trains in a stage."""
+    return epochs if isinstance(epochs, int) else epochs[c.name]
+
+
+def stage_cost(cands, subs: list[DataSplit], speed: Speed, epochs: Epochs) -> float:
     """Predicted seconds of every candidate on every subset, in order, counting what the cache
     holds and what earlier runs of the stage will leave in it."""
     will = {k: set(v) for k, v in speed.extracted.items()}
@@ -16,7 +25,7 @@ def stage_cost(cands, subs: list[DataSplit], speed: Speed, epochs: int) -> float
     for s in subs:
         cost += shared_cost(cands, s, speed, will)
         for c in cands:
-            cost += predict(c, speed, s, epochs, will)
+            cost += predict(c, speed, s, epochs_for(epochs, c), will)
             will.setdefault(extraction_key(c), set()).update(p for p, _ in s.train + s.val)
     return cost
 

@@ -15,7 +15,7 @@ from headstart.core import logs
 from headstart.core.errors import HeadstartError, RunInterrupted
 from headstart.data.layout import DataSplit
 from headstart.training.auto.candidates import Candidate, learn
-from headstart.training.auto.costs import extraction_key, predict, shared_cost
+from headstart.training.auto.costs import Epochs, epochs_for, extraction_key, predict, shared_cost
 from headstart.training.auto.profile import Speed
 from headstart.training.auto.scoring import held_out_scores, selection_metric
 
@@ -29,7 +29,7 @@ class Runners:
     warm: Callable | None = None
 
 
-def run_stage(cfg, name: str, cands, subs: list[DataSplit], epochs: int, cost: float, speed: Speed,
+def run_stage(cfg, name: str, cands, subs: list[DataSplit], epochs: Epochs, cost: float, speed: Speed,
               runners: Runners, clock: Callable[[], float]) -> dict:  # fmt: skip
     """Every candidate on every subset, after the frozen passes they share: the stage's record,
     predicted and actual seconds included."""
@@ -48,7 +48,7 @@ def run_stage(cfg, name: str, cands, subs: list[DataSplit], epochs: int, cost: f
         if warm is not None and (shared := shared_pass(cfg, cands, sub, epochs, speed, warm, clock)):
             stage.setdefault("shared_passes", []).append(shared)
         for c in cands:
-            stage["candidates"].append(pilot(cfg, c, sub, epochs, speed, run, clock))
+            stage["candidates"].append(pilot(cfg, c, sub, epochs_for(epochs, c), speed, run, clock))
     stage["actual_seconds"] = round(clock() - t0, 1)
     return stage
 
@@ -106,7 +106,7 @@ def pilot_config(cfg, c: Candidate, epochs: int, output: str):
     return cfg.with_overrides(options)
 
 
-def shared_pass(cfg, cands, split: DataSplit, epochs: int, speed: Speed, warm: Callable,
+def shared_pass(cfg, cands, split: DataSplit, epochs: Epochs, speed: Speed, warm: Callable,
                 clock: Callable[[], float]) -> dict | None:  # fmt: skip
     """The frozen passes that the pilots of `cands` on `split` share, run once (warm), after which
     the cache holds what each of them would compute: their record, predicted and actual seconds
@@ -118,7 +118,7 @@ def shared_pass(cfg, cands, split: DataSplit, epochs: int, speed: Speed, warm: C
     t0 = clock()
     try:
         with _quiet():
-            passes = warm([pilot_config(cfg, c, epochs, "unused") for c in cands], split)
+            passes = warm([pilot_config(cfg, c, epochs_for(epochs, c), "unused") for c in cands], split)
     except RunInterrupted:
         raise
     except HeadstartError as e:  # the pilots compute their own, and say what fails for them
