@@ -520,10 +520,10 @@ def test_a_second_look_lets_fine_tuning_rank_on_more_images_where_the_final_leav
 
 @pytest.mark.parametrize("budget", [3600, 36_000])
 def test_the_second_stage_trains_survivors_as_their_final_runs_would(budget):
-    """A recipe twice as slow per epoch trains fewer epochs in the final run, so it trains fewer in
-    the second stage too: at equal epochs it would win there and then train fewer. Where the
-    stage can pay for them, survivors train as many epochs as their final runs will (here 10,
-    the most), and then both train alike."""
+    """The second stage is the final run in miniature: each survivor trains the epochs its final run
+    would, on as many images as the pilots saw or more. A recipe twice as slow per epoch trains fewer there,
+    as in the final run: at equal epochs it would win and then train fewer. Where both final runs
+    would train their most (10), both survivors do."""
     items = [(f"{i}.jpg", i % 10) for i in range(50_000)]
     split = DataSplit([str(c) for c in range(10)], items[:40_000], items[40_000:], "folders")
     sp = speed()  # 3 groups train at half the images/s of 2
@@ -543,10 +543,12 @@ def test_the_second_stage_trains_survivors_as_their_final_runs_would(budget):
                             Runners(run))  # fmt: skip
     pilots, survivors = record["stages"]
     assert pilots["epochs"] == search.PILOT_EPOCHS
+    assert survivors["train_images"] >= pilots["train_images"]
     if budget == 3600:
         assert final[three.name] < final[two.name]  # what the shares come from
-        epochs = survivors["epochs"]
-        assert epochs[two.name] >= 3 and 1 <= epochs[three.name] < epochs[two.name]
+        epochs = survivors["epochs"]  # the final runs' own, on fewer images than all
+        assert epochs[two.name] > epochs[three.name] >= search.FINAL_EPOCHS["prefix"][0]
+        assert survivors["train_images"] < 32_000  # the inner training images
         assert survivors["predicted_seconds"] <= search.search_share(sp, split, budget) * budget
         assert winner is two
     else:  # both final runs train their most: so do both survivors

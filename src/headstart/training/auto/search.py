@@ -201,12 +201,13 @@ def halving(
         else:  # what the pilots left of the search's share, not a fixed half of it
             allowed = max(0.5 * search_budget, search_budget - (budget.clock() - search_start))
             left = SAFETY * budget.left() - allowed
-            epochs = (
-                at_equal_time(alive, epochs, speed, split, left)
-                if k > 1
-                else as_in_the_final(alive, epochs, stage_parts, speed, split, left, allowed, cfg.seed)
-            )
-            subs, cost = _fit_stage(alive, stage_parts, speed, epochs, allowed, cfg.seed)
+            if k > 1:  # folds: all their images, the pilots' epochs in the final runs' shares
+                epochs = at_equal_time(alive, epochs, speed, split, left)
+                subs, cost = _fit_stage(alive, stage_parts, speed, epochs, allowed, cfg.seed)
+            else:
+                seen = len(subs[0].train)  # the pilots'
+                epochs, subs, cost = as_in_the_final(alive, epochs, stage_parts, speed, split, left, allowed,
+                                                     cfg.seed, seen)  # fmt: skip
         if subs is None:
             record["note"] = (
                 "no pilots: not even the two cheapest candidates fit in the search's share of the budget "
@@ -237,20 +238,26 @@ def halving(
 
 
 def as_in_the_final(cands, base: int, parts: list[DataSplit], speed: Speed, split: DataSplit, left: float,
-                    allowed: float, seed: int) -> Epochs:  # fmt: skip
-    """The second stage's epochs on one split: the final run's shares (at_equal_time), from `base`
-    for the recipe whose final run trains most up to that run's own epochs, as many as fit in
-    `allowed` on every image of the parts. Ranked after a few epochs, recipes that need many (a
-    fine-tuning) lost to features that had converged: 5,000 CIFAR-10 images, 10m, 3 epochs on
-    4,000: 3-block features 0.823, 1 group on cached maps 0.815, and the final run, features,
-    left 350 of 372 s unused."""
+                    allowed: float, seed: int,
+                    floor: int) -> tuple[Epochs, list | None, float | None]:  # fmt: skip
+    """The second stage on one split, as the final run in miniature where it fits: every survivor
+    trains the epochs its final run would (final_fit, in what is left after the stage), on as many
+    images as `allowed` pays for, `floor` (as many as the pilots saw) or more; else the same shares
+    of fewer epochs (at_equal_time), down to `base` for the recipe that trains most, on as few
+    images as fit. Its (epochs, subsets, predicted seconds); subsets None where nothing fits.
+
+    At 3 epochs for all, features that had converged beat a fine-tuning that would train 10 (5,000
+    CIFAR-10 images, 10m: 3-block features 0.823, 1 group on cached maps 0.815; the features'
+    final run left 350 of 372 s unused). Fewer epochs in proportion, not the final's own, misled
+    too: rounding gave 2 and 3 groups 1 epoch each where their final runs would train 4 and 2."""
     most = max((final_fit(c, speed, split, left)[1] for c in cands if c.kind in FINAL_EPOCHS), default=base)
-    whole = stage_subsets(parts, len(parts[0].train), seed)
     for top in range(most, base, -1):
         epochs = at_equal_time(cands, top, speed, split, left)
-        if stage_cost(cands, whole, speed, epochs) <= allowed:
-            return epochs
-    return at_equal_time(cands, base, speed, split, left)
+        subs, cost = _fit_stage(cands, parts, speed, epochs, allowed, seed, floor)
+        if subs is not None:
+            return epochs, subs, cost
+    epochs = at_equal_time(cands, base, speed, split, left)
+    return (epochs, *_fit_stage(cands, parts, speed, epochs, allowed, seed))
 
 
 def _second_look(cfg, winner: Candidate, candidates, parts: list[DataSplit], subs: list[DataSplit],
