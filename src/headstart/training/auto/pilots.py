@@ -39,7 +39,8 @@ def run_stage(cfg, name: str, cands, subs: list[DataSplit], epochs: Epochs, cost
         "folds": len(subs),
         "train_images": len(subs[0].train),
         "val_images": len(subs[0].val),
-        "epochs": epochs,
+        # per candidate: what each trains (features: their head epochs)
+        "epochs": epochs if isinstance(epochs, int) else {c.name: c.epochs(epochs[c.name]) for c in cands},
         "predicted_seconds": round(cost, 1),
         "candidates": [],
     }

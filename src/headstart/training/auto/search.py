@@ -14,6 +14,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from headstart.core import logs
 from headstart.core.errors import ConfigError
 from headstart.data.layout import DataSplit, resolve_data
@@ -228,13 +230,28 @@ def halving(
         # epochs) outranks the pilots, whose few images favour the fastest learners
         only = len(subs) if k == 1 else None
         ranked = sorted((c for c in alive if rank_key(c, only) is not None), key=lambda c: rank_key(c, only))
-        alive = ranked[: max(2, len(ranked) // 3)] if name == "pilots" else ranked[:1]
+        alive = survivors(ranked, len(subs[0].val)) if name == "pilots" else ranked[:1]
         if not alive:
             break
     winner = alive[0] if alive else candidates[0]
     if part_only and survived is not None:
         winner = _second_look(cfg, winner, candidates, *survived, split, speed, budget, record, runners)
     return winner
+
+
+def survivors(ranked: list[Candidate], held_out: int) -> list[Candidate]:
+    """The pilots that go on: the best third (two at least), and those within one standard error
+    (on `held_out` images) of the last of them, up to half of all. On 5,000 CIFAR-10 images, 10m,
+    pilots on 530 scored 1 group on cached maps 0.7185 and 2 groups 0.7148, 2.8 points of noise
+    apart: 1 group went on, 2 did not, and 1 group's final run scored 0.804 where 2 groups' had
+    scored 0.845-0.849."""
+    keep = max(2, len(ranked) // 3)
+    if len(ranked) <= keep:
+        return ranked
+    last = score_of(ranked[keep - 1].scores[-1]) or 0.0
+    noise = float(np.sqrt(last * (1 - last) / max(1, held_out)))
+    close = [c for c in ranked[keep:] if (score_of(c.scores[-1]) or 0.0) >= last - noise]
+    return ranked[:keep] + close[: max(0, len(ranked) // 2 - keep)]
 
 
 def as_in_the_final(cands, base: int, parts: list[DataSplit], speed: Speed, split: DataSplit, left: float,
@@ -265,18 +282,14 @@ def _second_look(cfg, winner: Candidate, candidates, parts: list[DataSplit], sub
                  runners: Runners) -> Candidate:  # fmt: skip
     """Where the pilots saw part of the data and the winner's final run leaves time (features train
     in seconds), the winner and the best pilot of another kind (features, fine-tuning on cached
-    maps, on images) run again on more images and 3 epochs, as time allows, and the higher there
-    trains: few pilot images favour features over fine-tuning."""
+    maps, on images) run again on more images, as their final runs would (_look), and the higher
+    there trains: few pilot images favour features over fine-tuning."""
     others = [c for c in candidates if c.scores and c.kind != winner.kind and score_of(c.scores[0])]
     if not others:
         return winner
     c = max(others, key=lambda c: score_of(c.scores[0]))
-    keep = final_seconds(winner, speed, split, FINAL_EPOCHS.get(winner.kind, (1, 1))[1])  # at its most epochs
-    final = max(keep, final_seconds(c, speed, split, FINAL_EPOCHS.get(c.kind, (1, 1))[0]))
-    more = len(subs[0].train) + 1  # more images than the survivors saw, or no look
-    epochs = at_equal_time([winner, c], 3, speed, split, final)
-    look, cost = _fit_stage([winner, c], parts, speed, epochs, SAFETY * budget.left() - final, cfg.seed, more)
-    if look is None or len(look[0].train) < more:
+    epochs, look, cost = _look(winner, c, parts, len(subs[0].train) + 1, speed, split, budget, cfg.seed)
+    if look is None:
         return winner
     record["stages"].append(
         run_stage(cfg, "second look", [winner, c], look, epochs, cost, speed, runners, budget.clock)
@@ -286,6 +299,29 @@ def _second_look(cfg, winner: Candidate, candidates, parts: list[DataSplit], sub
         logs.info(f"auto: {c.name} ranks above {winner.name} on more images: it trains instead")
         return c
     return winner
+
+
+def _look(winner: Candidate, c: Candidate, parts: list[DataSplit], more: int, speed: Speed, split: DataSplit,
+          budget: Budget, seed: int) -> tuple[Epochs, list | None, float | None]:  # fmt: skip
+    """The second look's (epochs, subsets, predicted seconds), on `more` images or more (subsets
+    None where it does not fit): the final runs in miniature where they fit, reserving the time of
+    `c`'s final run at the most epochs that leaves room for the look (and the winner's at its
+    most); else 3 epochs in their shares, reserving `c`'s shortest. At 3 epochs on 4,000 CIFAR-10
+    images 3-block features beat 1 group on cached maps (0.823 against 0.815) where 10 epochs on
+    1,260 had ranked them the other way (0.786 against 0.762)."""
+    room = SAFETY * budget.left()
+    keep = final_seconds(winner, speed, split, FINAL_EPOCHS.get(winner.kind, (1, 1))[1])
+    lo, hi = FINAL_EPOCHS.get(c.kind, (1, 1))
+    for e in range(hi, lo - 1, -1):
+        final = max(keep, final_seconds(c, speed, split, e))
+        epochs = {x.name: final_fit(x, speed, split, final)[1] for x in (winner, c)}
+        look, cost = _fit_stage([winner, c], parts, speed, epochs, room - final, seed, more)
+        if look is not None and len(look[0].train) >= more:
+            return epochs, look, cost
+    final = max(keep, final_seconds(c, speed, split, lo))
+    epochs = at_equal_time([winner, c], 3, speed, split, final)
+    look, cost = _fit_stage([winner, c], parts, speed, epochs, room - final, seed, more)
+    return (epochs, look, cost) if look is not None and len(look[0].train) >= more else (epochs, None, None)
 
 
 def search_share(speed: Speed, split: DataSplit, budget_seconds: float) -> float:
