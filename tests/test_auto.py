@@ -522,10 +522,10 @@ def test_a_second_look_lets_fine_tuning_rank_on_more_images_where_the_final_leav
 
 @pytest.mark.parametrize("budget", [3600, 36_000])
 def test_the_second_stage_trains_survivors_as_their_final_runs_would(budget):
-    """The second stage is the final run in miniature: each survivor trains the epochs its final run
-    would, on as many images as the pilots saw or more. A recipe twice as slow per epoch trains fewer there,
-    as in the final run: at equal epochs it would win and then train fewer. Where both final runs
-    would train their most (10), both survivors do."""
+    """The second stage is the final run in miniature: each survivor trains the epochs its final
+    run would, on as many images as the pilots saw or more. A recipe twice as slow per epoch
+    trains fewer there, as in the final run: at equal epochs it would win and then train fewer.
+    Where both final runs would train their most (10), both survivors do."""
     items = [(f"{i}.jpg", i % 10) for i in range(50_000)]
     split = DataSplit([str(c) for c in range(10)], items[:40_000], items[40_000:], "folders")
     sp = speed()  # 3 groups train at half the images/s of 2
