@@ -68,7 +68,10 @@ def test_scores_by_hand():
 
 def test_quantile_is_finite_sample_valid_and_infinite_when_too_few():
     s = np.arange(1, 20, dtype=float)  # 19 scores: level 0.9 -> the ceil(20 * 0.9) = 18th smallest
-    assert conformal_quantile(s, 0.9) == 18.0
+    assert conformal_quantile(s, 0.9) == 18.5  # halfway to the 19th: no calibration score on it
+    assert (s <= conformal_quantile(s, 0.9)).sum() == 18
+    assert (s + 1e-6 <= conformal_quantile(s, 0.9)).sum() == 18  # engines' rounding flips none
+    assert conformal_quantile(s, 0.95) == 19.0  # the largest has no next: it stays
     assert math.isinf(conformal_quantile(np.ones(5), 0.95))  # ceil(6 * 0.95) = 6 > 5 scores
     sets = ConformalSets.fit(*_calibrated_model_data(5), coverage=0.95)
     assert sets.mask(np.array([[0.98, 0.01, 0.01, 0, 0]])).all()  # every class, honestly

@@ -29,10 +29,17 @@ UNKNOWN = "unknown"
 
 
 def conformal_quantile(scores: np.ndarray, level: float) -> float:
-    """The ceil((n+1) level)-th smallest score: the finite-sample-valid threshold (inf if n is too small)."""
+    """The finite-sample-valid threshold: the ceil((n+1) level)-th smallest score, moved halfway to
+    the next one (inf if n is too small).
+
+    Any value in between decides every calibration score alike and keeps the guarantee. At the
+    k-th score itself, the image that scored it sits on the threshold, and rounding decides it:
+    PyTorch accepted one such image and ONNX Runtime, 1e-6 away, rejected it."""
     scores = np.sort(np.asarray(scores, dtype=np.float64))
     k = math.ceil((len(scores) + 1) * level - 1e-9)
-    return math.inf if k > len(scores) or k < 1 else float(scores[k - 1])
+    if k > len(scores) or k < 1:
+        return math.inf
+    return float(scores[k - 1] if k == len(scores) else (scores[k - 1] + scores[k]) / 2)
 
 
 def _ranked(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
