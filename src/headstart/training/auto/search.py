@@ -181,8 +181,9 @@ def halving(
     runners: Runners,
 ) -> Candidate:
     """Stage 1: every candidate on a first held-out fold (on a subset of it where data is large);
-    stage 2: the best third on more: the other folds where data is small (scores averaged over all
-    folds), all inner images and more epochs where it is large (ranked on those scores alone)."""
+    stage 2: the best third and those within noise of it (survivors) on more: the other folds
+    where data is small (scores averaged over all folds), the final runs in miniature where it is
+    large (as_in_the_final; ranked on those scores alone)."""
     k = fold_count(split)
     parts = folds(split, cfg.seed, k)
     record["folds"] = k
@@ -204,7 +205,7 @@ def halving(
             allowed = max(0.5 * search_budget, search_budget - (budget.clock() - search_start))
             left = SAFETY * budget.left() - allowed
             if k > 1:  # folds: all their images, the pilots' epochs in the final runs' shares
-                epochs = at_equal_time(alive, epochs, speed, split, left)
+                epochs = at_equal_time(alive, epochs, final_epochs(alive, speed, split, left))
                 subs, cost = _fit_stage(alive, stage_parts, speed, epochs, allowed, cfg.seed)
             else:
                 seen = len(subs[0].train)  # the pilots'
@@ -267,13 +268,13 @@ def as_in_the_final(cands, base: int, parts: list[DataSplit], speed: Speed, spli
     CIFAR-10 images, 10m: 3-block features 0.823, 1 group on cached maps 0.815; the features'
     final run left 350 of 372 s unused). Fewer epochs in proportion, not the final's own, misled
     too: rounding gave 2 and 3 groups 1 epoch each where their final runs would train 4 and 2."""
-    most = max((final_fit(c, speed, split, left)[1] for c in cands if c.kind in FINAL_EPOCHS), default=base)
-    for top in range(most, base, -1):
-        epochs = at_equal_time(cands, top, speed, split, left)
+    final = final_epochs(cands, speed, split, left)
+    for top in range(max(final.values(), default=base), base, -1):
+        epochs = at_equal_time(cands, top, final)
         subs, cost = _fit_stage(cands, parts, speed, epochs, allowed, seed, floor)
         if subs is not None:
             return epochs, subs, cost
-    epochs = at_equal_time(cands, base, speed, split, left)
+    epochs = at_equal_time(cands, base, final)
     return (epochs, *_fit_stage(cands, parts, speed, epochs, allowed, seed))
 
 
@@ -309,19 +310,20 @@ def _look(winner: Candidate, c: Candidate, parts: list[DataSplit], more: int, sp
     most); else 3 epochs in their shares, reserving `c`'s shortest. At 3 epochs on 4,000 CIFAR-10
     images 3-block features beat 1 group on cached maps (0.823 against 0.815) where 10 epochs on
     1,260 had ranked them the other way (0.786 against 0.762)."""
-    room = SAFETY * budget.left()
+    pair, room = [winner, c], SAFETY * budget.left()
     keep = final_seconds(winner, speed, split, FINAL_EPOCHS.get(winner.kind, (1, 1))[1])
     lo, hi = FINAL_EPOCHS.get(c.kind, (1, 1))
+
+    def fit(epochs: Epochs, final: float):
+        look, cost = _fit_stage(pair, parts, speed, epochs, room - final, seed, more)
+        return (epochs, look, cost) if look is not None and len(look[0].train) >= more else None
+
     for e in range(hi, lo - 1, -1):
         final = max(keep, final_seconds(c, speed, split, e))
-        epochs = {x.name: final_fit(x, speed, split, final)[1] for x in (winner, c)}
-        look, cost = _fit_stage([winner, c], parts, speed, epochs, room - final, seed, more)
-        if look is not None and len(look[0].train) >= more:
-            return epochs, look, cost
+        if found := fit({x.name: final_fit(x, speed, split, final)[1] for x in pair}, final):
+            return found
     final = max(keep, final_seconds(c, speed, split, lo))
-    epochs = at_equal_time([winner, c], 3, speed, split, final)
-    look, cost = _fit_stage([winner, c], parts, speed, epochs, room - final, seed, more)
-    return (epochs, look, cost) if look is not None and len(look[0].train) >= more else (epochs, None, None)
+    return fit(at_equal_time(pair, 3, final_epochs(pair, speed, split, final)), final) or (3, None, None)
 
 
 def search_share(speed: Speed, split: DataSplit, budget_seconds: float) -> float:
@@ -447,13 +449,18 @@ def final_fit(c: Candidate, speed: Speed, split: DataSplit, left: float) -> tupl
     return n, epochs, cost(n, epochs)
 
 
-def at_equal_time(cands, epochs: int, speed: Speed, split: DataSplit, left: float) -> Epochs:
-    """A later stage's epochs for each candidate, in the shares the final run would give them:
-    `epochs` for the recipe whose final run in `left` seconds trains the most epochs, fewer in
-    proportion for one that trains fewer (at least 1). At equal epochs a recipe twice as slow won
-    that stage and then trained half as long: 5,000 CIFAR-10 images, 10m, 3 groups on cached maps
-    (4 final epochs) 0.821, where 2 groups (9) had scored 0.849 in an earlier run."""
-    final = {c.name: final_fit(c, speed, split, left)[1] for c in cands if c.kind in FINAL_EPOCHS}
+def final_epochs(cands, speed: Speed, split: DataSplit, left: float) -> dict[str, int]:
+    """The epochs each candidate's final run would train in `left` seconds (final_fit), by name;
+    features, whose head epochs cost next to nothing, are not counted."""
+    return {c.name: final_fit(c, speed, split, left)[1] for c in cands if c.kind in FINAL_EPOCHS}
+
+
+def at_equal_time(cands, epochs: int, final: dict[str, int]) -> Epochs:
+    """A later stage's epochs for each candidate, in the shares the final run would give them
+    (`final`, from final_epochs): `epochs` for the recipe whose final run trains the most epochs,
+    fewer in proportion for one that trains fewer (at least 1). At equal epochs a recipe twice as
+    slow won that stage and then trained half as long: 5,000 CIFAR-10 images, 10m, 3 groups on
+    cached maps (4 final epochs) 0.821, where 2 groups (9) had scored 0.849 in an earlier run."""
     if len(set(final.values())) < 2:
         return epochs
     most = max(final.values())
