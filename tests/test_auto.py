@@ -147,7 +147,7 @@ def _advance(clock: list[float], sp: Speed, cfg, split: DataSplit, slow: float =
     speeds, whatever the search has learnt of the machine so far."""
     images = cfg.strategy in ("finetune", "full")
     kind = "prefix" if cfg.cache_prefix else "images" if images else "features"
-    options = {"strategy": cfg.strategy, "feature_blocks": cfg.feature_blocks}
+    options = {"strategy": cfg.strategy, "feature_blocks": cfg.feature_blocks, "tta": cfg.tta}
     c = Candidate("x", kind, options, cfg.image_size or REFERENCE, cfg.backbone,
                   groups=cfg.unfreeze if cfg.strategy == "finetune" else 0)  # fmt: skip
     clock[0] += slow * predict(c, dataclasses.replace(sp, correction={}), split, cfg.epochs)
@@ -155,7 +155,7 @@ def _advance(clock: list[float], sp: Speed, cfg, split: DataSplit, slow: float =
 
 @pytest.mark.parametrize("budget", ["2m", "10m", "1h"])
 def test_the_search_leaves_the_final_run_its_time_on_a_fake_clock(tmp_path, budget):
-    make_class_tree(tmp_path / "d" / "train", per_class=40)
+    make_class_tree(tmp_path / "d" / "train", per_class=60)
     make_class_tree(tmp_path / "d" / "val", per_class=10, seed=500)
     clock, seen, sp = [0.0], [], speed()
     cfg = TrainConfig(data=str(tmp_path / "d"), strategy="auto", budget=budget).resolved()
@@ -263,7 +263,11 @@ def test_full_fine_tuning_is_a_candidate_where_its_speed_was_measured():
     photos = DataProfile(num_train=1000, num_val=200, classes=5, smallest_class=200, short_side=500)
     full = [c for c in grid(photos, speed()) if c.options["strategy"] == "full"]
     assert [(c.name, c.kind, c.options) for c in full] == [
-        ("full fine-tuning, augmented, 224px", "images", {"strategy": "full", "image_size": 224})
+        (
+            "full fine-tuning, augmented, 224px",
+            "images",
+            {"strategy": "full", "image_size": 224, "tta": "hflip"},
+        )
     ]
     assert not [c for c in grid(photos, speed(full_train=0.0)) if c.options["strategy"] == "full"]
 

@@ -39,6 +39,7 @@ from headstart.inference.onnx import INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, onnx_
 from headstart.inference.predictor import load
 from headstart.inference.uncertainty import FeatureDistance
 from headstart.models.store import save_weights
+from headstart.models.tta import features_and_logits
 
 if TYPE_CHECKING:
     from headstart.deploy.quantize import QuantizeResult
@@ -119,8 +120,8 @@ class ExportModule(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Probabilities [B, C], logits and, for a run calibrated for rejection, OOD scores [B]."""
-        features = self.model.backbone((image - self.mean) / self.std)
-        logits = self.model.head(features)
+        x = (image - self.mean) / self.std
+        features, logits = features_and_logits(self.model.backbone, self.model.head, x, self.model.tta)
         probs = probabilities(logits, self.head_kind, self.temperature)
         if self.distance is None:
             return probs, logits

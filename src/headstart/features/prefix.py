@@ -17,13 +17,15 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from torchvision.transforms import v2 as T
 
 from headstart.core import logs
 from headstart.core.distributed import DistInfo
-from headstart.core.errors import ConfigError
+from headstart.core.errors import ConfigError, DataError
 from headstart.data.layout import DataSplit, Skipped
 from headstart.data.transforms import Preprocess, eval_transform, train_transform
 from headstart.features.cache import FeatureCache
@@ -40,6 +42,7 @@ from headstart.features.views import (
 )
 from headstart.models.freezing import FrozenBNStaysEval
 from headstart.models.transfer import TransferModel
+from headstart.models.tta import View, num_views
 
 
 def module_chain(body: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -162,8 +165,11 @@ class CachedMaps(Dataset):
     """
 
     def __init__(self, cache: FeatureCache, rows, shape, y, index, *, hflip=False, vflip=False, keep=None,
-                 views=(), seed: int = 0):  # fmt: skip
+                 views=(), seed: int = 0, tta_views=()):  # fmt: skip
         self.cache, self.rows, self.shape = cache, rows, tuple(shape)
+        # validation under TTA: each image's maps of its test-time views (models/tta.py), exact, as
+        # the deployed model computes them; served stacked [1 + len(tta_views), C, H, W]
+        self.tta_views = list(tta_views)
         self.y, self.index = y, index
         self.hflip, self.vflip = hflip, vflip
         self.views, self.seed, self.epoch = list(views), seed, 0
@@ -181,6 +187,8 @@ class CachedMaps(Dataset):
         return self.cache, self.rows[i]
 
     def __getitem__(self, i: int):
+        if self.tta_views:
+            return self.take([i])[0], int(self.y[i]), int(self.index[i]), None
         cache, row = self._source(i)
         x = torch.from_numpy(cache.read([row], math.prod(self.shape))[0])
         x = x.view(self.shape).float()
@@ -195,6 +203,10 @@ class CachedMaps(Dataset):
         """The maps of `rows` as one float32 batch [B, C, H, W], read shard by shard and flipped at
         random per map (the batched form of __getitem__, for SlicedBatches)."""
         dim = math.prod(self.shape)
+        if self.tta_views:  # [B, V, C, H, W]: the un-augmented map, then each test-time view's
+            parts = [self.cache.read([self.rows[i] for i in rows], dim)]
+            parts += [c.read([r[i] for i in rows], dim) for c, r in self.tta_views]
+            return torch.from_numpy(np.stack(parts, 1)).view(len(rows), len(parts), *self.shape).float()
         if self.views:
             sources = [self._source(i) for i in rows]
             x = torch.empty(len(rows), dim, dtype=torch.float16)
@@ -223,6 +235,24 @@ def map_views(split: DataSplit, pp: Preprocess, opts: FeatureOptions, spec: dict
     for v in range(1, opts.views):
         f = extract_features(split.train, tf, desc=f"prefix train view {v}", view=v, augment_seed=opts.seed,
                              subset=base.index.tolist(), **{**kw, "cache": cache})  # fmt: skip
+        out.append((cache, f))
+    return out
+
+
+def tta_maps(split: DataSplit, pp: Preprocess, opts: FeatureOptions, spec: dict, base: Features,
+             kw: dict) -> list[tuple[FeatureCache, Features]]:  # fmt: skip
+    """Maps of the validation images' test-time views after the first (the mirror for hflip), each
+    in its own cache; an image that fails in a view fails the run's validation set as a whole."""
+    out = []
+    for k in range(1, num_views(opts.tta)):
+        cache = open_cache(spec, opts, views=f"tta-{opts.tta}-{k}")
+        tf = T.Compose([eval_transform(pp, uint8=True), View(opts.tta, k)])  # as the predictor flips
+        f = extract_features(split.val, tf, desc=f"prefix val, test-time view {k}", **{**kw, "cache": cache})
+        if f.index.tolist() != base.index.tolist():
+            raise DataError(
+                f"validation images loaded for the plain view failed in test-time view {k}: "
+                f"{sorted(set(base.index.tolist()) - set(f.index.tolist()))[:5]}"
+            )
         out.append((cache, f))
     return out
 
@@ -276,12 +306,13 @@ def prefix_datasets(model: TransferModel, split: DataSplit, pp: Preprocess, opts
         tf = eval_transform(pp, uint8=True)
         ftr = extract_features(split.train, tf, desc="prefix train", **kw)
         fva = extract_features(split.val, tf, desc="prefix val", **kw)
-        return cache, source, ftr, fva, map_views(split, pp, opts, spec, ftr, kw)
+        views = map_views(split, pp, opts, spec, ftr, kw)
+        return cache, source, ftr, fva, views, tta_maps(split, pp, opts, spec, fva, kw)
 
-    n = len(split.train) * opts.views + len(split.val)
-    cache, source, ftr, fva, views = with_engine(maps, opts, device, n, spec_on(EngineChoice(ORT)))
-    secs = ftr.seconds + fva.seconds + sum(f.seconds for _, f in views)
-    stats = cache_stats(ftr, fva, *(f for _, f in views))
+    n = len(split.train) * opts.views + len(split.val) * num_views(opts.tta)
+    cache, source, ftr, fva, views, tta = with_engine(maps, opts, device, n, spec_on(EngineChoice(ORT)))
+    secs = ftr.seconds + fva.seconds + sum(f.seconds for _, f in views + tta)
+    stats = cache_stats(ftr, fva, *(f for _, f in views + tta))
     hits, misses = stats["features_from_cache"], stats["features_extracted"]
     aug = opts.augment
     logs.info(
@@ -301,7 +332,8 @@ def prefix_datasets(model: TransferModel, split: DataSplit, pp: Preprocess, opts
     aligned = [align_entries(f, c, ftr, cache) for c, f in views]
     train_ds = CachedMaps(cache, ftr.rows, sp.shape, ftr.y, ftr.index, hflip=aug.hflip, vflip=aug.vflip,
                           keep=tmp, views=aligned, seed=opts.seed)  # fmt: skip
-    val_ds = CachedMaps(cache, fva.rows, sp.shape, fva.y, fva.index, keep=tmp)
+    val_ds = CachedMaps(cache, fva.rows, sp.shape, fva.y, fva.index, keep=tmp,
+                        tta_views=[(c, f.rows) for c, f in tta])  # fmt: skip
     stats = {"cache_prefix": True, "prefix_split": sp.at, "prefix_map_shape": list(sp.shape), **stats,
              "frozen_engine": source.record}  # fmt: skip
     return PrefixInputs(sp.suffix, train_ds, val_ds, ftr.failed + fva.failed, secs, stats, cache.dir.name)

@@ -41,6 +41,7 @@ class FeatureOptions:
     seed: int = 0
     compile: bool = False
     engine: str = "auto"  # auto, torch or onnxruntime: where frozen features and maps are computed
+    tta: str = "none"  # test-time views of the validation images (models/tta.py); prefix maps only
 
 
 class FeatureDataset(Dataset):

@@ -22,6 +22,7 @@ from headstart.inference.uncertainty import UNKNOWN, ConformalSets, FeatureDista
 from headstart.models.fastpath import inference_model
 from headstart.models.store import load_model, load_weights
 from headstart.models.transfer import TransferModel
+from headstart.models.tta import features_and_logits
 
 
 @dataclass
@@ -84,8 +85,7 @@ class Predictor:
             backbone = self.model.backbone
         # Full precision on every device: on an H200, bf16 autocast changed 2 of 90 ant/bee labels
         # against the exported ONNX model, and calibrated sets and thresholds assume fp32 logits.
-        f = backbone(x)
-        logits = self.model.head(f)
+        f, logits = features_and_logits(backbone, self.model.head, x, self.model.tta)
         return f.float().cpu(), logits.float().cpu()
 
     def logits_tensor(self, x: torch.Tensor) -> torch.Tensor:

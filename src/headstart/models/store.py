@@ -23,6 +23,7 @@ from headstart.models.backbones import backbone_from_config
 from headstart.models.config import BackboneConfig
 from headstart.models.heads import HEAD_KINDS, HeadSpec
 from headstart.models.transfer import TransferModel
+from headstart.models.tta import TTA_CHOICES
 
 MODEL_FORMAT = 1
 
@@ -65,6 +66,7 @@ def model_record(
         "preprocessing": preprocess.to_dict(),
         "strategy": strategy,
         "temperature": temperature,
+        "tta": model.tta,
     }
 
 
@@ -110,6 +112,7 @@ def load_model(run_dir: str | os.PathLike) -> tuple[TransferModel, Preprocess, d
     state = load_weights(run_dir / WEIGHTS)
     check_shapes(model.state_dict(), state, path, run_dir / WEIGHTS)
     model.load_state_dict(state)
+    model.tta = record.get("tta", "none")
     return model.eval(), Preprocess.from_dict(record["preprocessing"]), record
 
 
@@ -153,6 +156,7 @@ _SCHEMA: list[tuple] = [
     ("preprocessing.mean", lambda v: _triple(v), "3 numbers", _ABSENT),
     ("preprocessing.std", lambda v: _triple(v) and min(v) > 0, "3 numbers above 0", _ABSENT),
     ("preprocessing.crop_pct", lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]", 0.875),
+    ("tta", lambda v: v in TTA_CHOICES, f"one of {', '.join(TTA_CHOICES)}", "none"),
     ("temperature", lambda v: _num(v) and v > 0, "a positive finite number (1.0 when not calibrated)", 1.0),
     ("conformal.method", lambda v: v in ("lac", "aps"), "lac or aps", _OPTIONAL),
     ("conformal.coverage", lambda v: _num(v) and 0 < v < 1, "a number in (0, 1)", _OPTIONAL),

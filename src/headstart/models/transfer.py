@@ -19,6 +19,7 @@ class TransferModel(FrozenBNStaysEval):
         self.head = head
         self.head_spec = head_spec
         self.classes = list(classes)
+        self.tta = "none"  # test-time augmentation of inference (models/tta.py); training never uses it
 
     @classmethod
     def build(cls, backbone: Backbone, head_spec: HeadSpec, classes: list[str]) -> TransferModel:

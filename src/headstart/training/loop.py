@@ -28,6 +28,7 @@ from headstart.data.images import explain_failure, load_image
 from headstart.data.layout import Skipped
 from headstart.data.loading import SlicedBatches, default_workers, make_loader, worker_death
 from headstart.models.freezing import frozen_tensor_names
+from headstart.models.tta import mean_over_views
 from headstart.training.checkpoint import (
     ResumableSampler,
     StopRequest,
@@ -380,7 +381,7 @@ def validate(net: nn.Module, loader, run: Run, bad: dict[str, str]) -> dict:
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_for(run.device):
-            logits = net(x)
+            logits = mean_over_views(net, x)  # stacked TTA views [B, V, ...]: their mean
             loss = run.loss_fn(logits, y)
         add_batch(totals, loss, logits, y, run.head_spec.kind)
         pred = predict_labels(logits, run.head_spec.kind)
@@ -480,7 +481,7 @@ def logits_of(net: nn.Module, inputs: Inputs, run: Run) -> tuple[np.ndarray, np.
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_for(run.device):
-            zs.append(net(x).float().cpu().reshape(len(batch.y), -1))
+            zs.append(mean_over_views(net, x).float().cpu().reshape(len(batch.y), -1))
         ys.append(batch.y)
     width = 1 if run.head_spec.kind == "binary" else len(run.split.classes)
     logits = torch.cat(zs).double().numpy() if zs else np.zeros((0, width))

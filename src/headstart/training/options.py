@@ -21,6 +21,7 @@ from headstart.data.transforms import Augment
 from headstart.features.views import FeatureOptions
 from headstart.models.config import DEFAULT_BACKBONE
 from headstart.models.heads import HeadSpec
+from headstart.models.tta import TTA_CHOICES
 from headstart.training.auto.budget import parse_duration
 from headstart.training.strategies.base import get_strategy, public_names
 
@@ -168,6 +169,14 @@ class TrainConfig:
         help="finetune: cache the frozen blocks' activations once, train only the rest (flips only)",
     )
     calibrate: bool = option(False, group=RUN, help="fit a temperature on the val split after training")
+    tta: str = option(
+        "none",
+        group=RUN,
+        choices=TTA_CHOICES,
+        help="test-time augmentation: hflip averages the logits of each image and its mirror, in "
+        "validation, predict and export (2 forward passes; fine-tuning strategies; auto's fine-tuning "
+        "recipes use it)",
+    )
 
     # ------------------------------------------------------------------------- checks
 
@@ -201,6 +210,7 @@ class TrainConfig:
             seed=self.seed,
             compile=self.compile,
             engine=self.frozen_engine,
+            tta=self.tta,
         )
 
     def to_dict(self) -> dict:
@@ -260,6 +270,11 @@ def _cross_checks(c: TrainConfig) -> None:
             f"--cache-views {c.cache_views} applies to cached features (--strategy extract or "
             f"linear-probe) and cached prefix maps (--cache-prefix); --strategy {c.strategy} sees a "
             "fresh augmentation every epoch already."
+        )
+    if c.tta != "none" and c.strategy in ("extract", "linear-probe"):
+        raise ConfigError(
+            f"--tta {c.tta} applies to fine-tuning strategies; --strategy {c.strategy} trains on cached "
+            "features of the unflipped images. Drop --tta, or fine-tune (--strategy finetune)."
         )
     if c.cache_prefix and c.strategy != "finetune":
         raise ConfigError(

@@ -87,6 +87,7 @@ def build_model(
     backbone = backbone_for(cfg, pretrained=strategy.pretrained)
     head_spec = HeadSpec.parse(cfg.head, dropout=cfg.dropout)
     model = TransferModel.build(backbone, head_spec, classes)
+    model.tta = cfg.tta
     return model, head_spec, strategy.freeze(model, cfg)
 
 

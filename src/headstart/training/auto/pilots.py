@@ -94,7 +94,7 @@ def pilot(
 def pilot_config(cfg, c: Candidate, epochs: int, output: str):
     """The TrainConfig of `c`'s pilot run."""
     options = {
-        **c.options,
+        **c.run_options(cfg),
         "epochs": c.epochs(epochs),
         "calibrate": False,
         "overwrite": True,

@@ -154,7 +154,7 @@ def measure_for(cfg, split: DataSplit, budget: Budget) -> Speed:
 def options_auto_chooses(cfg) -> list[str]:
     """The recipe options (epochs, lr, ...) that auto picks itself but that `cfg` sets to non-defaults."""
     chosen = ("epochs", "lr", "unfreeze", "image_size", "backbone_lr_mult", "feature_blocks", "cache_prefix",
-              "patience", "keep_epoch")  # fmt: skip
+              "patience", "keep_epoch", "tta")  # fmt: skip
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     # resolved() fills epochs and lr with auto's placeholders (1 and 1e-3)
     unset = {"epochs": (None, 1), "lr": (None, 1e-3)}
@@ -419,7 +419,7 @@ def final_config(cfg, c: Candidate, speed: Speed, split: DataSplit, budget: Budg
     n, epochs, predicted = final_fit(c, speed, split, SAFETY * budget.left())
     # the last epoch is the model: picking the best on the validation split would be a choice made there
     options = {
-        **c.options,
+        **c.run_options(cfg),
         "epochs": c.epochs(epochs) if c.kind != "features" else None,
         "keep_epoch": "last",
         "patience": None,  # early stopping would choose the epoch on the validation split too

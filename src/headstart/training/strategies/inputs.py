@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from torchvision.transforms import v2 as T
+
 from headstart.core import digest
 from headstart.data.loading import ImageDataset
 from headstart.data.transforms import eval_transform, train_transform
 from headstart.features.live_prefix import live_prefix
 from headstart.features.prefix import prefix_datasets
 from headstart.features.views import feature_datasets
+from headstart.models.tta import StackViews
 from headstart.training.setup import Run, check_bad_fraction
 from headstart.training.strategies.base import Inputs
 
@@ -58,6 +61,9 @@ def image_inputs(run: Run) -> Inputs:
     uint8 = live is not None  # the live prefix normalises on the device, as frozen extraction does
     augmented = train_transform(pp, cfg.augment, uint8=uint8)
     train = ImageDataset(run.split.train, augmented, draft=draft, seed=cfg.seed)
-    val = ImageDataset(run.split.val, eval_transform(pp, uint8=uint8), draft=draft)
+    val_tf = eval_transform(pp, uint8=uint8)
+    if cfg.tta != "none":  # each validation image as its stacked TTA views (models/tta.py)
+        val_tf = T.Compose([val_tf, StackViews(cfg.tta)])
+    val = ImageDataset(run.split.val, val_tf, draft=draft)
     net, stats = (live.net, live.stats) if live else (run.model, {})
     return Inputs(net, train, val, workers=cfg.num_workers, decodes_images=True, stats=stats)
