@@ -140,6 +140,8 @@ def export_metadata(record: dict, *, fmt: str, exporter: str) -> dict:
         "exporter": exporter,
         "classes": list(record["classes"]),
         "temperature": float(record.get("temperature", 1.0)),
+        # inside the graph: the logits are the mean over the image and its mirror (models/tta.py)
+        "tta": record.get("tta", "none"),
         **{k: record[k] for k in ("conformal", "ood") if record.get(k)},
         "head": record["head"],
         "backbone": record["backbone"]["name"],
