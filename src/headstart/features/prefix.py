@@ -248,10 +248,12 @@ def tta_maps(split: DataSplit, pp: Preprocess, opts: FeatureOptions, spec: dict,
         cache = open_cache(spec, opts, views=f"tta-{opts.tta}-{k}")
         tf = T.Compose([eval_transform(pp, uint8=True), View(opts.tta, k)])  # as the predictor flips
         f = extract_features(split.val, tf, desc=f"prefix val, test-time view {k}", **{**kw, "cache": cache})
-        if f.index.tolist() != base.index.tolist():
+        if f.index.tolist() != base.index.tolist():  # the same files, read twice: one changed between
+            lost = [split.val[i][0] for i in sorted(set(base.index.tolist()) - set(f.index.tolist()))]
             raise DataError(
-                f"validation images loaded for the plain view failed in test-time view {k}: "
-                f"{sorted(set(base.index.tolist()) - set(f.index.tolist()))[:5]}"
+                f"{len(lost)} validation image(s) read for the plain view failed for test-time view {k} "
+                f"({', '.join(map(repr, lost[:3]))}): a file changed while the run read it. Fix or remove "
+                "it and run again (the maps computed so far stay in the cache)."
             )
         out.append((cache, f))
     return out
