@@ -330,6 +330,7 @@ def prefix_datasets(model: TransferModel, split: DataSplit, pp: Preprocess, opts
             else " and no other augmentation (random crops, rotation and colour jitter cannot be "
             "applied to cached maps; --cache-views K caches K-1 augmented views, --cutmix 1 mixes maps)"
         )
+        + ("; validation averages each image with its mirror (maps of the mirrored images)" if tta else "")
     )
     aligned = [align_entries(f, c, ftr, cache) for c, f in views]
     train_ds = CachedMaps(cache, ftr.rows, sp.shape, ftr.y, ftr.index, hflip=aug.hflip, vflip=aug.vflip,
