@@ -26,19 +26,15 @@ def views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
     return [x, x.flip(-1)] if tta == "hflip" else [x]
 
 
-def stack_views(x: torch.Tensor, tta: str) -> torch.Tensor:
-    """One image [C, H, W] as [V, C, H, W]: what a validation dataset serves under TTA."""
-    return torch.stack(views(x, tta)) if tta != "none" else x
-
-
 class StackViews:
-    """Transform: an image tensor -> its TTA views stacked [V, C, H, W] (picklable for workers)."""
+    """Transform: an image tensor -> its TTA views stacked [V, C, H, W], what a validation dataset
+    serves under TTA (picklable for workers)."""
 
     def __init__(self, tta: str):
         self.tta = tta
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return stack_views(x, self.tta)
+        return torch.stack(views(x, self.tta))
 
 
 class View:
@@ -61,6 +57,9 @@ def mean_over_views(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 
 def features_and_logits(backbone, head, x: torch.Tensor, tta: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features and logits of a batch, each averaged over the TTA views."""
+    if num_views(tta) == 1:  # no stack and mean: the exported graph of such a model stays as it was
+        f = backbone(x)
+        return f, head(f)
     fs = [backbone(v) for v in views(x, tta)]
     logits = torch.stack([head(f) for f in fs]).mean(0)
     return torch.stack(fs).mean(0), logits
