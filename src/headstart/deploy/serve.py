@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from headstart.inference.predictor import Prediction
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SETTLE_S = 2.0  # at most this long after SIGTERM for connections already made to send their request
 
 
 def require_stack() -> None:
@@ -349,21 +351,48 @@ def serve(
         app, kw = "headstart.deploy.serve:app_from_env", {"factory": True, "workers": workers}
     else:
         app, kw = create_app(run, config), {}
+    options = {"host": host, "port": port, "timeout_graceful_shutdown": int(config.timeout_s) + 5,
+               "log_level": "warning", **kw}  # fmt: skip
     # uvicorn drains on SIGTERM, then raises the signal again: end with status 0 instead of -15
     previous = signal.signal(signal.SIGTERM, _drained)
     try:
-        uvicorn.run(
-            app,
-            host=host,
-            port=port,
-            timeout_graceful_shutdown=int(config.timeout_s) + 5,
-            log_level="warning",
-            **kw,
-        )
+        if workers > 1:  # uvicorn's supervisor builds its own servers
+            uvicorn.run(app, **options)
+        else:
+            _settling_server_class()(uvicorn.Config(app, **options)).run()
     except _Drained:
         logs.info("headstart serve: stopped after answering the requests in flight")
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _settling_server_class() -> type:
+    """Built on first use: uvicorn is an optional dependency."""
+    import uvicorn
+
+    class SettlingServer(uvicorn.Server):
+        """uvicorn.Server that lets connections already made send their request before it stops.
+
+        uvicorn's shutdown closes the listening socket (the kernel resets connections still in its
+        backlog) and closes connections whose request has not been read yet (reset, as their bytes
+        are unread): clients that connected before the signal would see a reset, not an answer.
+        So first keep serving until no connection waits in the backlog or for its first request.
+        """
+
+        async def shutdown(self, sockets=None) -> None:
+            deadline = time.monotonic() + SETTLE_S
+            while time.monotonic() < deadline and (self._backlog() or self._fresh()):
+                await asyncio.sleep(0.02)
+            await super().shutdown(sockets)
+
+        def _backlog(self) -> bool:
+            listening = [sock for server in self.servers for sock in server.sockets]
+            return bool(listening and select.select(listening, [], [], 0)[0])
+
+        def _fresh(self) -> bool:
+            return any(getattr(c, "cycle", 0) is None for c in self.server_state.connections)
+
+    return SettlingServer
 
 
 class _Drained(Exception):
