@@ -14,7 +14,7 @@ from headstart.core.errors import ConfigError
 from headstart.data.layout import DataSplit, resolve_data
 from headstart.training.auto import search
 from headstart.training.auto.budget import Budget, parse_duration
-from headstart.training.auto.candidates import REFERENCE, Candidate, grid, learn, seconds, sizes_for
+from headstart.training.auto.candidates import BASE, REFERENCE, Candidate, grid, learn, seconds, sizes_for
 from headstart.training.auto.costs import predict
 from headstart.training.auto.pilots import Runners
 from headstart.training.auto.preview import preview
@@ -272,6 +272,25 @@ def test_full_fine_tuning_is_a_candidate_where_its_speed_was_measured():
     assert not [c for c in grid(photos, speed(full_train=0.0)) if c.options["strategy"] == "full"]
 
 
+def test_larger_backbones_are_fine_tuned_on_cached_maps_where_their_speed_there_was_measured():
+    cifar = DataProfile(num_train=50_000, num_val=10_000, classes=10, smallest_class=5000, short_side=32)
+    forward = {"efficientnet_lite0": 100.0, "efficientnet_lite1": 80.0, "efficientnet_lite2": 60.0}
+    assert not [c for c in grid(cifar, speed(forward=forward)) if c.kind == "prefix" and c.backbone != BASE]
+    sp = speed(forward=forward, larger_suffix={"efficientnet_lite2": 50.0})
+    (lite2,) = [c for c in grid(cifar, sp) if c.kind == "prefix" and c.backbone != BASE]
+    assert lite2.name == "finetune 2 groups of efficientnet_lite2 on cached maps, 192px, backbone lr x1"
+    assert lite2.options["backbone"] == "efficientnet_lite2" and lite2.options["unfreeze"] == 2
+    assert TrainConfig(data="d", **lite2.options).resolved().backbone == "efficientnet_lite2"
+    # priced at its own rate (50 img/s at 224 px), not lite0's 2-group rate (200)
+    px = (192 / REFERENCE) ** 2
+    maps = (1000 + 2 * 200) / (60 / px)  # its frozen prefix at its forward rate; the val mirrors too
+    assert seconds(lite2, sp, n=1000, m=200, epochs=2) == pytest.approx(
+        3 + maps + 2 * (1000 / (50 / px) + 400 / (3 * 50 / px))
+    )
+    lite0 = next(c for c in grid(cifar, sp) if c.name == lite2.name.replace(" of efficientnet_lite2", ""))
+    assert seconds(lite0, sp, n=1000, m=200, epochs=2) < seconds(lite2, sp, n=1000, m=200, epochs=2)
+
+
 def test_on_one_split_the_larger_second_stage_decides_not_the_pilots():
     """What 5,000 CIFAR-10 images did: on 120 pilot images plain features led (0.645 vs 0.61), on
     2,000 in the second stage the three-block features did (0.791 vs 0.766). The mean of both
@@ -358,7 +377,9 @@ def test_rates_are_timed_longer_where_the_budget_can_pay_for_it(monkeypatch):
 def test_lite1_is_measured_for_small_data_lite2_and_full_for_long_budgets_only(monkeypatch):
     calls = []
     monkeypatch.setattr(
-        search, "measure", lambda split, backbones, **kw: calls.append((backbones, kw["full"]))
+        search,
+        "measure",
+        lambda split, backbones, **kw: calls.append((backbones, kw["full"] and kw["larger_groups"])),
     )
     cfg = TrainConfig(data="d", strategy="auto")
     small, large = (DataSplit(["a"], [("x.jpg", 0)] * n, [("v.jpg", 0)], "folders") for n in (2000, 3000))
@@ -369,7 +390,7 @@ def test_lite1_is_measured_for_small_data_lite2_and_full_for_long_budgets_only(m
     assert calls == [
         (["efficientnet_lite0", "efficientnet_lite1"], False),
         (["efficientnet_lite0"], False),
-        (["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"], True),
+        (["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"], 2),  # and their maps' training
     ]
     calls.clear()  # another backbone, or your own weights: only that one is measured
     for other in (TrainConfig(data="d", strategy="auto", backbone="efficientnet_lite1"),

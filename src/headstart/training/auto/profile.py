@@ -72,6 +72,8 @@ class Speed:
     decode: float  # images/s that the loader processes together decode and transform
     forward: dict[str, float] = field(default_factory=dict)  # backbone -> inference img/s
     suffix_train: dict[int, float] = field(default_factory=dict)  # unfrozen groups -> img/s on cached maps
+    # the other backbones auto fine-tunes on cached maps (long budgets) -> their img/s there
+    larger_suffix: dict[str, float] = field(default_factory=dict)
     image_train: dict[int, float] = field(default_factory=dict)  # unfrozen groups -> img/s on images
     full_train: float = 0.0  # img/s on images with every layer training (0: not measured)
     # actual / predicted seconds of the pilots of each kind (candidates.learn): what micro-benchmarks
@@ -112,6 +114,7 @@ def measure(
     groups=(1, 2, 3),
     image_groups=(1, 2, 3),
     full: bool = True,
+    larger_groups: int = 0,
     min_seconds: float = 0.6,
     weights: str | None = None,
     frozen_engine: str = "auto",
@@ -119,7 +122,8 @@ def measure(
     """Time decoding real images and the backbone's forward and training steps (random weights:
     speed does not depend on their values), and the frozen engine large extractions will use:
     training on cached maps with each of `groups` unfrozen, on images with each of `image_groups`,
-    and with every layer where `full` (what prices full fine-tuning)."""
+    with every layer where `full` (what prices full fine-tuning), and on cached maps with
+    `larger_groups` unfrozen for each backbone after the first (0: not measured)."""
     t0 = time.perf_counter()
     dev = pick_device(device)
     threads = configure_threads()
@@ -142,6 +146,9 @@ def measure(
             speed.image_train[g] = on_images
     if full:
         speed.full_train = _train_rates(backbones[0], None, x, dev, min_seconds, weights)[1]
+    for name in backbones[1:] if larger_groups else []:
+        rate = _train_rates(name, larger_groups, x, dev, min_seconds, None, on_images=False)
+        speed.larger_suffix[name] = rate[0]
     if choose_engine(frozen_engine, dev, len(split.train) + len(split.val)).name == ORT:
         _engine_rates(speed, backbones, min_seconds)
     speed.seconds = time.perf_counter() - t0
@@ -154,6 +161,7 @@ def measure(
         + " img/s; on images "
         + ", ".join(f"{g} groups {v:.0f}" for g, v in speed.image_train.items())
         + (f", all layers {speed.full_train:.0f}" if speed.full_train else "")
+        + "".join(f"; {b}, {larger_groups} groups on maps {v:.0f}" for b, v in speed.larger_suffix.items())
         + f" img/s (at {REFERENCE} px)"
         + (
             f"; frozen work on ONNX Runtime {speed.engine_forward[backbones[0]]:.0f} img/s, "

@@ -25,6 +25,7 @@ from headstart.training.auto.candidates import (
     AUGMENTED_GROUPS,
     BASE,
     LARGER,
+    LARGER_GROUPS,
     Candidate,
     extraction_seconds,
     grid,
@@ -140,7 +141,8 @@ def choose(
 def measure_for(cfg, split: DataSplit, budget: Budget) -> Speed:
     """This machine's speeds for the run's backbone and frozen engine; for the other embedded
     backbones where the run uses the default one (lite1 on small data, both where the budget
-    allows, LONG_BUDGET); and for full fine-tuning where the budget allows."""
+    allows, LONG_BUDGET: then their fine-tuning on cached maps too); and for full fine-tuning
+    where the budget allows."""
     long = budget.seconds >= LONG_BUDGET
     larger: list[str] = []
     if cfg.backbone == BASE and cfg.weights is None:
@@ -148,6 +150,7 @@ def measure_for(cfg, split: DataSplit, budget: Budget) -> Speed:
     images = len(split.train) + len(split.val)
     return measure(split, [cfg.backbone, *larger], device=cfg.device, weights=cfg.weights,
                    frozen_engine=cfg.frozen_engine, full=long, image_groups=(AUGMENTED_GROUPS,),
+                   larger_groups=LARGER_GROUPS if long and larger else 0,
                    min_seconds=seconds_per_rate(budget.seconds, images))  # fmt: skip
 
 
