@@ -37,10 +37,15 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
 
 
 def set_onnx_metadata(path: Path, meta: dict) -> None:
-    """Write the metadata into the model's metadata_props (one JSON value per key)."""
+    """Write the metadata into the model's metadata_props (one JSON value per key); drop the
+    exporter's per-node debug metadata."""
     import onnx
 
     proto = onnx.load(str(path))
+    # torch's exporter tags every node with its Python stack trace and module path: this machine's
+    # file paths in a file meant to be shipped, and 0.4 MB of lite0's 16.9 (int8: 5.0)
+    for node in proto.graph.node:
+        del node.metadata_props[:]
     del proto.metadata_props[:]
     for k, v in meta.items():
         entry = proto.metadata_props.add()
