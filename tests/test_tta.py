@@ -22,7 +22,7 @@ from headstart.training.auto.profile import DataProfile
 from headstart.training.options import TrainConfig
 from headstart.training.run import train
 
-from conftest import TINY
+from conftest import TINY, run_cli
 
 FAST = dict(backbone=TINY, weights="none", strategy="finetune", lr=0.05, batch_size=8, num_workers=0)
 
@@ -124,3 +124,34 @@ def test_auto_fine_tunes_with_tta_and_prices_the_mirror():
     px = (c.size / 224) ** 2
     mirror = 200 / min(sp.forward[c.backbone] / px, sp.decode)
     assert extra == pytest.approx(mirror + 3 * 200 / (3 * sp.suffix_train[c.groups] / px))
+
+
+def test_predict_can_turn_the_views_off_and_then_refuses_sets_and_rejection(tmp_path):
+    """--tta none at predict time: one forward pass, the plain logits; the sets and rejection,
+    fitted on the mirrored logits, are refused with the reason; the ONNX graph cannot change."""
+    half_coloured(tmp_path / "data" / "train", 12, seed=0)
+    half_coloured(tmp_path / "data" / "val", 10, seed=1)
+    run = tmp_path / "run"
+    train(tmp_path / "data", output=run, epochs=1, tta="hflip", cache_dir=str(tmp_path / "c"), **FAST)
+    headstart.calibrate(run, device="cpu", num_workers=0)
+    export(run, format="onnx")
+    as_trained, off = headstart.load(run, device="cpu"), headstart.load(run, device="cpu", tta="none")
+    assert as_trained.model.tta == "hflip" and as_trained.sets is not None and as_trained.distance is not None
+    assert off.model.tta == "none" and off.sets is None and off.rejection is None and off.distance is None
+    x = torch.stack([as_trained.transform(Image.open(p).convert("RGB")) for p, _ in split_items(run, "val")])
+    plain = as_trained.model.head(as_trained.model.backbone(x))
+    assert torch.allclose(off.logits_tensor(x), plain, atol=1e-4)
+    assert not torch.allclose(as_trained.logits_tensor(x), plain, atol=1e-3)
+    with pytest.raises(ConfigError, match="fitted on its logits with test-time views 'hflip'.*drop --tta"):
+        off.require(sets=True)
+    with pytest.raises(ConfigError, match="'rotate' is not one of none, hflip"):
+        headstart.load(run, tta="rotate")
+
+    image = split_items(run, "val")[0][0]
+    ok = run_cli("predict", run, image, "--tta", "none", "--device", "cpu")
+    assert ok.returncode == 0 and ok.stdout.startswith(image), ok.stderr
+    refused = run_cli("predict", run, image, "--tta", "none", "--reject", "--device", "cpu")
+    assert refused.returncode != 0 and "No rejection here" in refused.stderr and not refused.stdout
+    onnx = run_cli("predict", run, image, "--engine", "onnx", "--tta", "none")
+    assert onnx.returncode != 0 and "Use --engine torch --tta none" in onnx.stderr
+    assert run_cli("predict", run, image, "--engine", "onnx", "--tta", "hflip").returncode == 0

@@ -115,6 +115,7 @@ def _summary_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_parser(p: argparse.ArgumentParser) -> None:
+    from headstart.models.tta import TTA_CHOICES
     from headstart.training.options import TrainConfig
 
     p.add_argument("run", help=RUN_HELP)
@@ -138,6 +139,13 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
         "--reject",
         action="store_true",
         help="label images that look like none of the classes 'unknown' (fitted by calibrate)",
+    )
+    p.add_argument(
+        "--tta",
+        choices=TTA_CHOICES,
+        default=None,
+        help="test-time views (default: as trained); none halves the work of an hflip model, and "
+        "turns its prediction sets and rejection off (they were fitted on the trained views)",
     )
     p.set_defaults(func=c.cmd_predict)  # fmt: skip
 

@@ -130,7 +130,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     if a.resume and not a.csv:
         raise ConfigError("--resume needs --csv FILE: it skips the images already in that file.")
-    predictor = open_predictor(a.run, engine=a.engine, device=a.device)
+    predictor = open_predictor(a.run, engine=a.engine, device=a.device, tta=a.tta)
     predictor.require(sets=a.sets, reject=a.reject)
     if a.csv:
         from headstart.deploy.batch import predict_to_csv

@@ -147,16 +147,28 @@ def load_onnx(path: str | os.PathLike, *, threads: int | None = None) -> OnnxPre
 
 
 def open_predictor(
-    run: str | os.PathLike, *, engine: str = "torch", device: str = "auto", threads: int | None = None
+    run: str | os.PathLike,
+    *,
+    engine: str = "torch",
+    device: str = "auto",
+    threads: int | None = None,
+    tta: str | None = None,
 ) -> Predictor:
-    """A predictor on an engine: 'torch' (the run folder) or 'onnx' (RUN/model.onnx, or a .onnx file)."""
+    """A predictor on an engine: 'torch' (the run folder) or 'onnx' (RUN/model.onnx, or a .onnx file);
+    `tta` overrides the trained test-time views (torch engine: an exported graph holds its own)."""
     if engine not in ENGINES:
         raise ConfigError(f"Unknown engine {engine!r}; use one of {', '.join(ENGINES)}.")
     if threads:
         torch.set_num_threads(threads)
     if engine == "onnx":
-        return load_onnx(run, threads=threads)
-    predictor = load(run, device=device)
+        predictor = load_onnx(run, threads=threads)
+        if tta is not None and tta != (built := predictor.record.get("tta", "none")):
+            raise ConfigError(
+                f"--tta {tta} with --engine onnx: the exported graph computes the test-time views it was "
+                f"exported with ({built!r}) and cannot change them. Use --engine torch --tta {tta}."
+            )
+        return predictor
+    predictor = load(run, device=device, tta=tta)
     if threads:
         torch.set_num_threads(threads)  # load() takes every core; an actor or server worker gets its share
     return predictor

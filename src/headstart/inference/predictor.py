@@ -22,7 +22,7 @@ from headstart.inference.uncertainty import UNKNOWN, ConformalSets, FeatureDista
 from headstart.models.fastpath import inference_model
 from headstart.models.store import load_model, load_weights
 from headstart.models.transfer import TransferModel
-from headstart.models.tta import features_and_logits
+from headstart.models.tta import TTA_CHOICES, features_and_logits
 
 
 @dataclass
@@ -57,6 +57,9 @@ class Prediction:
 
 class Predictor:
     """A trained model plus its preprocessing; built from a run folder by `load`."""
+
+    # why the run's prediction sets and rejection are off (test-time views other than trained)
+    calibration_off: str | None = None
 
     def __init__(
         self, model: TransferModel, preprocess: Preprocess, record: dict, device, *, fast: bool = True
@@ -108,6 +111,8 @@ class Predictor:
         """Refuse, with the command that fixes it, when sets or rejection were asked of a run without them."""
         missing = [w for w, asked, have in (("prediction sets", sets, self.sets), ("rejection", reject,
                    self.rejection)) if asked and have is None]  # fmt: skip
+        if missing and self.calibration_off:
+            raise ConfigError(f"No {' or '.join(missing)} here: {self.calibration_off}.")
         if missing:
             raise ConfigError(
                 f"This model has no {' or '.join(missing)} fitted. Run `headstart calibrate RUN` first "
@@ -233,16 +238,31 @@ class Predictor:
         return f"Predictor({self.record['backbone']['name']}, classes={self.classes}, device={self.device})"
 
 
-def load(run_dir: str | os.PathLike, *, device: str = "auto", fast: bool = True) -> Predictor:
+def load(
+    run_dir: str | os.PathLike, *, device: str = "auto", fast: bool = True, tta: str | None = None
+) -> Predictor:
     """Load a trained model from a run folder (model.json + model.safetensors).
 
     fast=True runs a BatchNorm-folded, channels-last copy of the backbone (checked against it);
-    fast=False runs the stored model exactly as trained (export parity uses that).
+    fast=False runs the stored model exactly as trained (export parity uses that). tta overrides
+    the test-time views the run was trained with ("none" halves the work of an "hflip" model);
+    prediction sets and rejection then stay off, as they were fitted on the trained views' logits.
     """
     model, preprocess, record = load_model(run_dir)
     configure_threads()
     dev = pick_device(device)
     predictor = Predictor(model.to(dev).eval(), preprocess, record, dev, fast=fast)
+    if tta is not None and tta != model.tta:
+        if tta not in TTA_CHOICES:
+            raise ConfigError(f"tta={tta!r} is not one of {', '.join(TTA_CHOICES)}.")
+        if predictor.sets is not None or predictor.rejection is not None:
+            predictor.calibration_off = (
+                f"this run's prediction sets and rejection were fitted on its logits with test-time views "
+                f"{model.tta!r}, and tta={tta!r} changes those logits, so their coverage and acceptance "
+                "would not hold. Predict with the trained views (drop --tta) to use them"
+            )
+        predictor.sets = predictor.rejection = None
+        model.tta = tta
     if predictor.rejection is not None:
         state = load_weights(os.path.join(run_dir, predictor.rejection.file))
         predictor.distance = FeatureDistance(state["centers"], state["whiten"]).eval()
