@@ -57,23 +57,69 @@ def _state(monkeypatch, *, now: float, deadline: float | None, epochs: int = 5, 
                           most_epochs=most)  # fmt: skip
     state = loop.LoopState.__new__(loop.LoopState)
     state.run, state.scheduler, state.last_epoch, state.resumes = run, sched, epochs, 0
+    state.last_batches, state.steps_per_epoch = None, 10
     monkeypatch.setattr(loop.time, "monotonic", lambda: now)
     return state, sched
 
 
 def test_the_budget_ends_training_after_the_epochs_that_fit_and_decays_by_then(monkeypatch):
-    # after epoch 2 of 5 at 100 s each, 250 s are left: 2 more epochs fit (with 10 % slack), not 3
-    state, sched = _state(monkeypatch, now=1000.0, deadline=1250.0)
-    state.fit_budget(2, 100.0)
-    assert state.last_epoch == 4 and state.run.out_of_time
+    # after epoch 2 of 5 at 100 s each (10 s of it validating), 240 s are left: 2 more epochs fit
+    # with 10 % slack (220 s), and the 9 s after them do not pay for a quarter epoch and its validation
+    state, sched = _state(monkeypatch, now=1000.0, deadline=1240.0)
+    state.fit_budget(2, 100.0, 10.0)
+    assert state.last_epoch == 4 and state.last_batches is None and state.run.out_of_time
     assert sched.lr_lambdas[0].epochs == 4
-    # not even one more fits: stop now, the schedule as it was
-    state, sched = _state(monkeypatch, now=1000.0, deadline=1050.0)
-    state.fit_budget(2, 100.0)
+    # not even a quarter more fits: stop now, the schedule as it was
+    state, sched = _state(monkeypatch, now=1000.0, deadline=1030.0)
+    state.fit_budget(2, 100.0, 10.0)
     assert state.last_epoch == 2 and state.run.out_of_time and sched.lr_lambdas[0].epochs == 5
     state, _ = _state(monkeypatch, now=1000.0, deadline=1300.0)  # 3 x 100 s, but not with the slack
-    state.fit_budget(2, 100.0)
-    assert state.last_epoch == 4
+    state.fit_budget(2, 100.0, 10.0)
+    assert state.last_epoch == 5 and state.last_batches == 7 and state.run.out_of_time
+
+
+def test_the_time_after_the_whole_epochs_trains_part_of_one_more(monkeypatch):
+    # 300 s left after epoch 2 (100 s, 10 of them validating): 2 whole epochs (220 s with the slack);
+    # of the 80 s after them, 11 pay for the validation and 69 for 69 / 99 = 0.70 of an epoch's training
+    state, sched = _state(monkeypatch, now=1000.0, deadline=1300.0)
+    state.fit_budget(2, 100.0, 10.0)
+    assert state.last_epoch == 5 and state.last_batches == 7 and state.run.out_of_time
+    assert sched.lr_lambdas[0].epochs == pytest.approx(4.7)  # the decay reaches 0 at the cut
+    assert state.planned_end() == pytest.approx(4.7)
+    assert [state.cut_short(e, b) for e, b in ((4, 9), (5, 6), (5, 7))] == [False, False, True]
+    # a first epoch that leaves time for more than planned stretches to a share of an epoch too
+    state, sched = _state(monkeypatch, now=1000.0, deadline=1300.0, epochs=2, most=6)
+    state.fit_budget(1, 100.0, 10.0)
+    assert (state.last_epoch, state.last_batches) == (4, 7) and not state.run.out_of_time
+    assert sched.lr_lambdas[0].epochs == pytest.approx(3.7)
+
+
+def test_the_loop_stops_the_cut_epoch_after_its_batches(tiny_split, tmp_path, monkeypatch):
+    """A budget that leaves 3 batches of epoch 2: the loop trains them and stops; the learning
+    rate has decayed to 0 by then."""
+    from headstart.training.run import train
+
+    steps, lrs = [], []
+    real_step = loop.train_step
+
+    def counted(net, batch, run, optimizer, scheduler):
+        steps.append(1)
+        out = real_step(net, batch, run, optimizer, scheduler)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    def cut(self, epoch, seconds, val_seconds=0.0):
+        if epoch == 1:  # as if the deadline left 3 batches of epoch 2
+            self.last_epoch, self.last_batches, self.run.out_of_time = 2, 3, True
+            reschedule(self.scheduler, self.planned_end())
+
+    monkeypatch.setattr(loop, "train_step", counted)
+    monkeypatch.setattr(loop.LoopState, "fit_budget", cut)
+    r = train(tiny_split, output=tmp_path / "run", epochs=5, backbone=TINY, weights="none",
+              strategy="finetune", batch_size=4, num_workers=0, cache_dir=str(tmp_path / "c"))  # fmt: skip
+    per_epoch = len(steps) - 3
+    assert per_epoch > 3 and [m["epoch"] for m in r.metrics] == [1, 2]
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and lrs[per_epoch] > 0
 
 
 def test_the_first_epoch_stretches_the_run_where_the_deadline_leaves_time_up_to_the_plans_most(monkeypatch):

@@ -56,6 +56,7 @@ def fit(run: Run, inputs: Inputs) -> Fitted:
     optimizer = build_optimizer(run.model, cfg, one_lr=run.strategy.one_lr)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(train_loader))
     state = LoopState(run, net, optimizer, scheduler, inputs.identity)
+    state.steps_per_epoch = len(train_loader)
     if run.resume and (run.out / CHECKPOINT).is_file():
         state.restore()
     started = time.perf_counter()
@@ -72,6 +73,7 @@ def fit(run: Run, inputs: Inputs) -> Fitted:
             start_epoch(sampler, inputs, epoch, totals["batches"] * cfg.batch_size)
             try:
                 tr = train_epoch(net, train_loader, state, epoch, totals, stop)
+                t_val = time.perf_counter()
                 va = validate(net, val_loader, run, state.bad_files)
             except OutOfTime:
                 run.out_of_time = True
@@ -81,7 +83,7 @@ def fit(run: Run, inputs: Inputs) -> Fitted:
                     raise
                 state.save(epoch, totals)
                 raise worker_died(why, run, inputs) from e
-            if state.end_epoch(epoch, tr, va, totals["lr"], t0, metrics):
+            if state.end_epoch(epoch, tr, va, totals["lr"], (t0, t_val), metrics):
                 break
             if stop:
                 raise interrupted(stop.signal, run, epoch + 1, 0, len(train_loader))
@@ -124,6 +126,8 @@ def train_epoch(net: nn.Module, loader, state: LoopState, epoch: int, totals: di
             check_bad_fraction(skipped(state.bad_files), run.split, cfg.max_bad_fraction, so_far=True)
         if stop or (every and ((epoch - 1) * per_epoch + totals["batches"]) % every == 0):
             state.save(epoch, totals)
+        if state.cut_short(epoch, totals["batches"]):  # a budget's last epoch, cut to the time left
+            break
         budgeted = run.deadline is not None and state.best["epoch"] > 0
         if stop and not budgeted:
             raise interrupted(stop.signal, run, epoch, totals["batches"], per_epoch)
@@ -133,6 +137,11 @@ def train_epoch(net: nn.Module, loader, state: LoopState, epoch: int, totals: di
             logs.info(f"budget: {why} in epoch {epoch}; the kept epoch ({state.best['epoch']}) is the model")
             raise OutOfTime
     return epoch_result(totals, run)
+
+
+# a budget's last epoch may be cut to the time left, if at least this share of it fits: a sliver
+# would cost a whole validation for a few steps
+PART_EPOCH = 0.25
 
 
 class OutOfTime(Exception):
@@ -153,6 +162,8 @@ class LoopState:
         )
         self.epoch, self.totals, self.resumes = 1, None, 0
         self.last_epoch = run.cfg.epochs  # fewer or more where a budget's deadline says so
+        self.last_batches: int | None = None  # the last epoch trains only these (the budget's time left)
+        self.steps_per_epoch = 1
         self.metrics: list[dict] = []
         self.bad_files: dict[str, str] = {}
         self.best = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None}
@@ -183,12 +194,14 @@ class LoopState:
             return plain
         return (balanced_accuracy(confusion) if confusion is not None else acc, *plain)
 
-    def end_epoch(self, epoch: int, tr: dict, va: dict, lr: float, t0: float, metrics: MetricsLog) -> bool:
+    def end_epoch(self, epoch: int, tr: dict, va: dict, lr: float, started: tuple[float, float],
+                  metrics: MetricsLog) -> bool:  # fmt: skip
         """The epoch's row, the best weights, the checkpoint; True when training ends here (early stop,
-        or another epoch would overrun the budget)."""
+        or another epoch would overrun the budget). `started`: when its training and its validation began."""
         run, cfg = self.run, self.run.cfg
         check_bad_fraction(skipped(self.bad_files), run.split, cfg.max_bad_fraction)
-        seconds = time.perf_counter() - t0
+        now = time.perf_counter()
+        seconds = now - started[0]
         metrics.add({"epoch": epoch, "train_loss": round(tr["loss"], 6), "train_acc": round(tr["acc"], 6),
                      "val_loss": round(va["loss"], 6), "val_acc": round(va["acc"], 6), "lr": lr,
                      "seconds": round(seconds, 3)})  # fmt: skip
@@ -197,7 +210,7 @@ class LoopState:
         logs.info(f"epoch {epoch:>3}/{self.last_epoch}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
                   f"val loss {va['loss']:.4f} acc {va['acc']:.4f}  {seconds:.1f}s{mark}")  # fmt: skip
         stop_early = bool(cfg.patience and epoch - self.best["epoch"] >= cfg.patience)
-        self.fit_budget(epoch, seconds)
+        self.fit_budget(epoch, seconds, now - started[1])
         done = stop_early or epoch >= self.last_epoch
         self.save(self.last_epoch + 1 if done else epoch + 1, None)
         if stop_early:
@@ -208,26 +221,45 @@ class LoopState:
             )
         return done
 
-    def fit_budget(self, epoch: int, seconds: float) -> None:
-        """Under a budget, count the epochs that still fit before the deadline at this epoch's pace.
-        Fewer than planned: training ends after them. More, after the first epoch (the time model
-        is an estimate): up to the plan's most. Either way the cosine schedule decays from where it
-        stands to 0 by the new last epoch."""
+    def fit_budget(self, epoch: int, seconds: float, val_seconds: float = 0.0) -> None:
+        """Under a budget, count the epochs that still fit before the deadline at this epoch's pace
+        (`seconds`, `val_seconds` of it validating), and the share of one more that fits with its
+        validation (at least PART_EPOCH). Fewer than planned: training ends after them. More, after
+        the first epoch (the time model is an estimate): up to the plan's most. Either way the
+        cosine schedule decays from where it stands to 0 by the new end."""
         run = self.run
         if run.deadline is None:
             return
         # 10 % slack: the epochs of a 60-minute CIFAR-10 run grew from 428 s to 522 s
-        fit = epoch + int(max(0.0, run.deadline - time.monotonic()) // max(1.1 * seconds, 1e-9))
-        if fit < self.last_epoch:
-            self.last_epoch, run.out_of_time = fit, True
-        elif epoch == 1 and self.resumes == 0 and min(fit, run.most_epochs or 0) > self.last_epoch:
-            self.last_epoch = min(fit, run.most_epochs)
+        pace, left = max(1.1 * seconds, 1e-9), max(0.0, run.deadline - time.monotonic())
+        whole = int(left // pace)
+        part = (left - whole * pace - 1.1 * val_seconds) / max(1.1 * (seconds - val_seconds), 1e-9)
+        fit = epoch + whole + (part if part >= PART_EPOCH else 0.0)
+        if fit < self.planned_end() - 1e-9:
+            run.out_of_time = True
+        elif epoch == 1 and self.resumes == 0 and min(fit, run.most_epochs or 0) > self.planned_end():
+            fit = min(fit, run.most_epochs)
         else:
             return
+        self.last_epoch = math.ceil(fit - 1e-9)
+        batches = round((fit - math.floor(fit + 1e-9)) * self.steps_per_epoch)
+        self.last_batches = batches if 0 < batches < self.steps_per_epoch else None
         if self.last_epoch > epoch:
-            reschedule(self.scheduler, self.last_epoch)
-            logs.info(f"budget: {self.last_epoch - epoch} more epoch(s) fit at this pace; training ends "
-                      f"after epoch {self.last_epoch}, the learning rate decaying to 0 by then")  # fmt: skip
+            end = self.planned_end()
+            reschedule(self.scheduler, end)
+            cut = f" ({self.last_batches} of its {self.steps_per_epoch} batches)" if self.last_batches else ""
+            logs.info(f"budget: {end - epoch:.2f} more epoch(s) fit at this pace; training ends after epoch "
+                      f"{self.last_epoch}{cut}, the learning rate decaying to 0 by then")  # fmt: skip
+
+    def planned_end(self) -> float:
+        """Where training ends, in epochs: the last epoch, or the share of it the budget leaves."""
+        if self.last_batches:
+            return self.last_epoch - 1 + self.last_batches / self.steps_per_epoch
+        return float(self.last_epoch)
+
+    def cut_short(self, epoch: int, batches: int) -> bool:
+        """True after the last of the batches a budget leaves to the last epoch."""
+        return epoch == self.last_epoch and bool(self.last_batches) and batches >= self.last_batches
 
     def save(self, epoch: int, totals: dict | None) -> None:
         """Write checkpoint.pt (rank 0): continue at `epoch`, with `totals` of a part-done epoch."""
@@ -248,6 +280,7 @@ class LoopState:
                 "feature_id": self.identity,
                 "resumes": self.resumes,
                 "last_epoch": self.last_epoch,
+                "last_batches": self.last_batches,
             },
         )
 
@@ -274,6 +307,7 @@ class LoopState:
         )
         self.metrics[:] = ck["metrics"]
         self.last_epoch = ck.get("last_epoch", self.run.cfg.epochs)  # older checkpoints lack it
+        self.last_batches = ck.get("last_batches")
         self.bad_files.update(ck["bad_files"])
         logs.info(
             f"resumed from {path} at epoch {ck['epoch']}, batch {(ck['totals'] or {}).get('batches', 0)}"

@@ -34,7 +34,7 @@ class Cosine:
     deadline) and the decay continues from the current value, without a jump. A callable object,
     so the scheduler's state_dict (and a resumed run) keeps where it was moved."""
 
-    def __init__(self, epochs: int, steps_per_epoch: int):
+    def __init__(self, epochs: float, steps_per_epoch: int):
         self.epochs, self.steps_per_epoch = epochs, max(1, steps_per_epoch)
         self.from_step, self.from_value = 0, 1.0  # where the current decay began
 
@@ -44,7 +44,7 @@ class Cosine:
         return self.from_value * 0.5 * (1 + math.cos(math.pi * done))
 
 
-def reschedule(scheduler, epochs: int) -> None:
+def reschedule(scheduler, epochs: float) -> None:
     """Make a cosine schedule decay from where it stands to 0 by the end of `epochs` (fewer or more
     than planned); other schedules are left as they are."""
     step = getattr(scheduler, "last_epoch", 0)
