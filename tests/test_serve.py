@@ -23,6 +23,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="headstart serve needs the serve extra: pip install 'headstart[serve]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
+import headstart  # noqa: E402
 from headstart.core.errors import ConfigError  # noqa: E402
 from headstart.deploy.serve import Batcher, check_exposure  # noqa: E402
 from headstart.deploy.serve_http import ServeConfig  # noqa: E402
@@ -65,10 +66,25 @@ def client(run):
         yield ready(c)
 
 
+def test_serve_predicts_with_the_views_asked_for(run):
+    """--tta overrides the trained views (here none -> hflip): the card says so, and answers are the
+    mirrored mean's."""
+    with TestClient(create_app(run, ServeConfig(max_wait_ms=1, tta="hflip"))) as c:
+        c = ready(c)
+        assert c.get("/v1/model").json()["tta"] == "hflip"
+        r = c.post("/v1/predict?top_k=2", content=png(), headers={"Content-Type": "image/png"})
+        assert r.status_code == 200, r.text
+    predictor = headstart.load(run, device="cpu", tta="hflip")
+    want = predictor.predict([Image.open(io.BytesIO(png()))], top_k=2)[0]
+    got = r.json()["predictions"][0]["top"]
+    assert [t["label"] for t in got] == want.labels
+    assert [t["probability"] for t in got] == pytest.approx(want.probabilities, abs=1e-5)
+
+
 def test_endpoints(client, run):
     assert client.get("/healthz").json() == {"status": "ok"}
     card = client.get("/v1/model").json()
-    assert card["classes"] == ["green", "red"] and card["engine"] == "torch"
+    assert card["classes"] == ["green", "red"] and card["engine"] == "torch" and card["tta"] == "none"
     assert card["training"]["frozen_tensors_changed"] == 0 and card["preprocessing"]["input_size"] == 160
     files = [("files", ("r.png", png(), "image/png")), ("files", ("g.png", png((30, 200, 40)), "image/png"))]
     r = client.post("/v1/predict?top_k=2", files=files)

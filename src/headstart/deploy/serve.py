@@ -117,6 +117,8 @@ def model_card(run: Path, predictor, engine: str) -> dict:
         "classes": list(predictor.classes),
         "temperature": predictor.temperature,
         "preprocessing": predictor.preprocess.to_dict(),
+        # the views predictions use (an ONNX graph's own; `serve --tta` may change the run's)
+        "tta": predictor.model.tta if predictor.model is not None else predictor.record.get("tta", "none"),
     }
     record = getattr(predictor, "record", {}) or {}
     card["backbone"] = (
@@ -175,7 +177,7 @@ class Service:
         """Open the predictor and run one forward pass (kernels, the fast-path copy): then it is warm."""
         from headstart.inference.onnx import open_predictor
 
-        predictor = open_predictor(self.run, engine=self.cfg.engine, device=self.cfg.device)
+        predictor = open_predictor(self.run, engine=self.cfg.engine, device=self.cfg.device, tta=self.cfg.tta)
         size = predictor.preprocess.input_size
         predictor.predict_tensor(torch.zeros(1, 3, size, size))
         self.predictor, self.card = predictor, model_card(self.run, predictor, self.cfg.engine)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from headstart.core.options import option
 from headstart.data.images import explain_failure, load_image
+from headstart.models.tta import TTA_CHOICES
 
 RAW_TYPES = ("image/", "application/octet-stream")
 
@@ -26,6 +27,12 @@ class ServeConfig:
         help="torch: the run folder; onnx: RUN/model.onnx (see `headstart export`)",
     )
     device: str = option("auto", help="torch engine: auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    tta: str | None = option(
+        None,
+        choices=TTA_CHOICES,
+        help="torch engine: test-time views (default: as trained); none halves the work of an hflip "
+        "model and turns its prediction sets and rejection off",
+    )
     max_batch: int = option(32, min=1, help="images per forward pass, gathered from concurrent requests")
     max_wait_ms: float = option(5.0, min=0, help="how long the first image of a batch waits for others")
     api_key: str | None = option(
