@@ -18,14 +18,21 @@ import os
 import random
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from headstart.core.errors import DataError, TrainingDiverged, loader_message
-from headstart.core.files import atomic_write_bytes
+from headstart.core.errors import DataError, RunInterrupted, TrainingDiverged, loader_message
+from headstart.core.files import CHECKPOINT, atomic_write_bytes
 from headstart.core.logs import logger
+from headstart.data.images import explain_failure, load_image
+from headstart.data.loading import default_workers
+
+if TYPE_CHECKING:
+    from headstart.training.setup import Run
+    from headstart.training.strategies.base import Inputs
 
 CHECKPOINT_FORMAT = 1
 
@@ -188,3 +195,41 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+# ----------------------------------------------------------------------------- resume and stop
+
+
+def interrupted(signame: str, run: Run, epoch: int, batches: int, per_epoch: int) -> RunInterrupted:
+    """The clean-stop error: where the run stopped and the command that continues it."""
+    return RunInterrupted(
+        f"{signame} received: stopped at epoch {epoch}, batch {batches}/{per_epoch}, after saving "
+        f"{str(run.out / CHECKPOINT)!r}. Continue with: headstart train --resume {run.out}"
+    )
+
+
+def worker_died(why: str, run: Run, inputs: Inputs) -> RunInterrupted:
+    """The paragraph for a dead loader worker: cause, what lowers memory, how to continue."""
+    workers = inputs.workers if inputs.workers is not None else default_workers()
+    return RunInterrupted(
+        f"Training stopped: {why}. A checkpoint was saved at that point; continue with `headstart train "
+        f"--resume {run.out}`, with fewer loader processes to use less memory: `--resume {run.out} --workers "
+        f"{max(0, workers - 1)}` (now {workers}); a smaller --batch-size (now {run.cfg.batch_size}) needs a "
+        "new run."
+    )
+
+
+def never_loaded_failures(sampler: ResumableSampler, batch_size: int, epochs: int, items: list) -> dict:
+    """Files that drop_last left out of every epoch are read once here, so none is silently unchecked."""
+    n = len(items)
+    tail = n - n % batch_size
+    unseen = set(range(n))
+    for order in sampler.orders(epochs):
+        unseen &= set(order[tail:])
+    failures = {}
+    for i in sorted(unseen):
+        try:
+            load_image(items[i][0], draft=64)
+        except Exception as e:  # noqa: BLE001 - reported like any other unreadable file
+            failures[items[i][0]] = explain_failure(items[i][0], e)
+    return failures

@@ -21,21 +21,23 @@ from torch.utils.data import DistributedSampler, Subset
 from headstart.core import logs
 from headstart.core.device import autocast_for, to_device
 from headstart.core.distributed import all_sum, shard
-from headstart.core.errors import RunInterrupted, TrainingDiverged
+from headstart.core.errors import TrainingDiverged
 from headstart.core.files import CHECKPOINT, METRICS
 from headstart.core.metrics import balanced_accuracy, confusion_counts
-from headstart.data.images import explain_failure, load_image
 from headstart.data.layout import Skipped
-from headstart.data.loading import SlicedBatches, default_workers, make_loader, worker_death
+from headstart.data.loading import SlicedBatches, make_loader, worker_death
 from headstart.models.freezing import frozen_tensor_names
 from headstart.models.tta import mean_over_views
 from headstart.training.checkpoint import (
     ResumableSampler,
     StopRequest,
+    interrupted,
     load_checkpoint,
+    never_loaded_failures,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    worker_died,
 )
 from headstart.training.mixing import mix_batch
 from headstart.training.optim import build_optimizer, build_scheduler, reschedule
@@ -460,44 +462,6 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def skipped(bad: dict[str, str]) -> list[Skipped]:
     """Failed files as Skipped entries."""
     return [Skipped(p, r) for p, r in bad.items()]
-
-
-# ----------------------------------------------------------------------------- resume and stop
-
-
-def interrupted(signame: str, run: Run, epoch: int, batches: int, per_epoch: int) -> RunInterrupted:
-    """The clean-stop error: where the run stopped and the command that continues it."""
-    return RunInterrupted(
-        f"{signame} received: stopped at epoch {epoch}, batch {batches}/{per_epoch}, after saving "
-        f"{str(run.out / CHECKPOINT)!r}. Continue with: headstart train --resume {run.out}"
-    )
-
-
-def worker_died(why: str, run: Run, inputs: Inputs) -> RunInterrupted:
-    """The paragraph for a dead loader worker: cause, what lowers memory, how to continue."""
-    workers = inputs.workers if inputs.workers is not None else default_workers()
-    return RunInterrupted(
-        f"Training stopped: {why}. A checkpoint was saved at that point; continue with `headstart train "
-        f"--resume {run.out}`, with fewer loader processes to use less memory: `--resume {run.out} --workers "
-        f"{max(0, workers - 1)}` (now {workers}); a smaller --batch-size (now {run.cfg.batch_size}) needs a "
-        "new run."
-    )
-
-
-def never_loaded_failures(sampler: ResumableSampler, batch_size: int, epochs: int, items: list) -> dict:
-    """Files that drop_last left out of every epoch are read once here, so none is silently unchecked."""
-    n = len(items)
-    tail = n - n % batch_size
-    unseen = set(range(n))
-    for order in sampler.orders(epochs):
-        unseen &= set(order[tail:])
-    failures = {}
-    for i in sorted(unseen):
-        try:
-            load_image(items[i][0], draft=64)
-        except Exception as e:  # noqa: BLE001 - reported like any other unreadable file
-            failures[items[i][0]] = explain_failure(items[i][0], e)
-    return failures
 
 
 @torch.inference_mode()
