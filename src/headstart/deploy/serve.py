@@ -117,8 +117,7 @@ def model_card(run: Path, predictor, engine: str) -> dict:
         "classes": list(predictor.classes),
         "temperature": predictor.temperature,
         "preprocessing": predictor.preprocess.to_dict(),
-        # the views predictions use (an ONNX graph's own; `serve --tta` may change the run's)
-        "tta": predictor.model.tta if predictor.model is not None else predictor.record.get("tta", "none"),
+        "tta": predictor.tta,  # an ONNX graph's own; `serve --tta` may change the run's
     }
     record = getattr(predictor, "record", {}) or {}
     card["backbone"] = (

@@ -118,6 +118,11 @@ class OnnxPredictor(Predictor):
             raise DataError(f"{str(self.path)!r} declares a rejection threshold but has no {OOD_OUTPUT!r} "
                             "output: it was changed after export. Export it again.")  # fmt: skip
 
+    @property
+    def tta(self) -> str:
+        """The test-time views the exported graph computes (fixed at export)."""
+        return self.record.get("tta", "none")
+
     def _run(self, x: torch.Tensor, *outputs: str) -> list[torch.Tensor]:
         x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         return [torch.from_numpy(a) for a in self.session.run(list(outputs), {INPUT_NAME: x})]
@@ -162,10 +167,10 @@ def open_predictor(
         torch.set_num_threads(threads)
     if engine == "onnx":
         predictor = load_onnx(run, threads=threads)
-        if tta is not None and tta != (built := predictor.record.get("tta", "none")):
+        if tta is not None and tta != predictor.tta:
             raise ConfigError(
                 f"--tta {tta} with --engine onnx: the exported graph computes the test-time views it was "
-                f"exported with ({built!r}) and cannot change them. Use --engine torch --tta {tta}."
+                f"exported with ({predictor.tta!r}) and cannot change them. Use --engine torch --tta {tta}."
             )
         return predictor
     predictor = load(run, device=device, tta=tta)

@@ -77,6 +77,11 @@ class Predictor:
         self.rejection = Rejection.from_dict(record["ood"]) if record.get("ood") else None
         self.distance: FeatureDistance | None = None  # set by `load` from ood.safetensors
 
+    @property
+    def tta(self) -> str:
+        """The test-time views predictions use."""
+        return self.model.tta
+
     @torch.inference_mode()
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled backbone features and raw head outputs (temperature 1) of preprocessed images (CPU)."""

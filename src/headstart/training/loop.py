@@ -57,8 +57,7 @@ def fit(run: Run, inputs: Inputs) -> Fitted:
         )
     optimizer = build_optimizer(run.model, cfg, one_lr=run.strategy.one_lr)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(train_loader))
-    state = LoopState(run, net, optimizer, scheduler, inputs.identity)
-    state.steps_per_epoch = len(train_loader)
+    state = LoopState(run, net, optimizer, scheduler, inputs.identity, steps_per_epoch=len(train_loader))
     if run.resume and (run.out / CHECKPOINT).is_file():
         state.restore()
     started = time.perf_counter()
@@ -154,7 +153,8 @@ class LoopState:
     """Where the loop is and what it keeps: position, best weights, metrics, failed files; saved in
     checkpoint.pt after every epoch (and every --checkpoint-every steps) and restored by --resume."""
 
-    def __init__(self, run: Run, net: nn.Module, optimizer, scheduler, identity: str | None):
+    def __init__(self, run: Run, net: nn.Module, optimizer, scheduler, identity: str | None, *,
+                 steps_per_epoch: int = 1):  # fmt: skip
         self.run, self.net, self.optimizer, self.scheduler, self.identity = (
             run,
             net,
@@ -165,7 +165,7 @@ class LoopState:
         self.epoch, self.totals, self.resumes = 1, None, 0
         self.last_epoch = run.cfg.epochs  # fewer or more where a budget's deadline says so
         self.last_batches: int | None = None  # the last epoch trains only these (the budget's time left)
-        self.steps_per_epoch = 1
+        self.steps_per_epoch = steps_per_epoch  # the whole epoch's batches, whatever a resume skips
         self.metrics: list[dict] = []
         self.bad_files: dict[str, str] = {}
         self.best = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None}
