@@ -593,3 +593,82 @@ def test_pilots_within_noise_of_the_last_survivor_go_on_too():
     exact = search.survivors(ranked, 1_000_000)  # no noise: the best third
     assert [c.name for c in exact] == ["c0", "c1"]
     assert [c.name for c in search.survivors(ranked[:2], 10)] == ["c0", "c1"]
+
+
+def test_the_search_gives_way_where_the_fine_tunings_final_runs_would_be_starved():
+    """Extracting every image once is cheap here (10,000 img/s), but training on cached maps is
+    slow: after a full share for the search, most fine-tuning recipes would train fewer than
+    WELL_FED epochs on all 40,000 images in an hour, so the search takes 30 %; with ten hours, or
+    with only features to choose from, it takes its full share."""
+    items = [(f"{i}.jpg", i % 10) for i in range(50_000)]
+    split = DataSplit([str(c) for c in range(10)], items[:40_000], items[40_000:], "folders")
+    sp = speed(forward={"efficientnet_lite0": 10_000.0}, decode=10_000.0,
+               suffix_train={1: 40.0, 2: 20.0, 3: 10.0}, image_train={2: 10.0})  # fmt: skip
+    cands = grid(DataProfile(40_000, 10_000, 10, 4000, 32), sp)
+    tuned = [c for c in cands if c.kind != "features"]
+    left = search.SAFETY * (1 - search.SEARCH_SHARE) * 3600
+    epochs = sorted(search.final_fit(c, sp, split, left)[1] for c in tuned)
+    assert epochs[len(epochs) // 2] < search.WELL_FED  # what the rule reads
+    assert search.search_share(sp, split, 3600, cands) == 0.3
+    assert search.search_share(sp, split, 3600) == search.SEARCH_SHARE  # no candidates: the old rule
+    features = [c for c in cands if c.kind == "features"]
+    assert search.search_share(sp, split, 3600, features) == search.SEARCH_SHARE
+    assert search.search_share(sp, split, 36_000, cands) == search.SEARCH_SHARE
+
+
+def _ranked(*entries: tuple[str, str, float]) -> list[Candidate]:
+    """Candidates (backbone, kind, held-out score), in rank order."""
+    return [
+        Candidate(f"{kind} {b}", kind, {}, 192, backbone=b, scores=[{"score": s, "loss": 1 - s}])
+        for b, kind, s in entries
+    ]
+
+
+def test_within_noise_of_the_best_the_larger_backbone_trains():
+    """Full CIFAR-10, 60m, survivors on 2,000 inner held-out images: lite0 0.8525, lite2 0.8510,
+    lite1 0.8495, 3 groups 0.837. One standard error is 0.8 points: the top three are tied, and
+    lite2 trains. A larger backbone further behind, or of another kind, does not."""
+    lite1, lite2 = "efficientnet_lite1", "efficientnet_lite2"
+    ranked = _ranked((BASE, "prefix", 0.8525), (lite2, "prefix", 0.851), (lite1, "prefix", 0.8495),
+                     (BASE, "prefix", 0.837))  # fmt: skip
+    record: dict = {}
+    assert search.larger_within_noise(ranked, 2000, None, record) is ranked[1]
+    assert record["tie_break"]["within_noise"] == [c.name for c in ranked[:3]]
+    assert record["tie_break"]["ranked_first"] == ranked[0].name and record["tie_break"]["noise"] == 0.0079
+    # no noise to speak of: the best score trains, and nothing is recorded
+    record = {}
+    assert search.larger_within_noise(ranked, 10_000_000, None, record) is ranked[0] and not record
+    # lite2 3 points behind, lite1 features tied but of another kind: lite0 trains
+    far = _ranked((BASE, "prefix", 0.85), (lite1, "features", 0.849), (lite2, "prefix", 0.82))
+    assert search.larger_within_noise(far, 2000, None, {}) is far[0]
+    # two candidates of the largest backbone tied: the better ranked of them
+    two = _ranked((BASE, "prefix", 0.85), (lite1, "prefix", 0.849), (lite1, "prefix", 0.848))
+    assert search.larger_within_noise(two, 2000, None, {}) is two[1]
+
+
+@pytest.mark.parametrize("lite2_score", [0.851, 0.80])
+def test_the_search_trains_the_larger_backbone_where_the_survivors_tie(lite2_score):
+    """halving applies the tie-break to its last stage: lite2's survivor within noise of lite0's
+    trains; one 5 points behind does not."""
+    items = [(f"{i}.jpg", i % 10) for i in range(50_000)]
+    split = DataSplit([str(c) for c in range(10)], items[:40_000], items[40_000:], "folders")
+    sp = speed(larger_suffix={"efficientnet_lite2": 150.0},
+               forward={"efficientnet_lite0": 100.0, "efficientnet_lite2": 80.0})  # fmt: skip
+    grid_ = grid(DataProfile(40_000, 10_000, 10, 4000, 32), sp)
+    lite0 = next(c for c in grid_ if c.kind == "prefix" and c.groups == 2 and c.size == 192)
+    lite2 = next(c for c in grid_ if c.backbone == "efficientnet_lite2" and c.kind == "prefix")
+    table = {BASE: (0.80, 0.8525), "efficientnet_lite2": (0.79, lite2_score)}
+    seen: list[str] = []
+
+    def run(cfg, split):
+        b = cfg.resolved().backbone
+        acc = table[b][seen.count(b)]
+        seen.append(b)
+        return TrainResult("", RunResults(val_accuracy=acc, val_loss=1 - acc), [])
+
+    cfg = TrainConfig(data="d", strategy="auto", budget="1h").resolved()
+    record = {"stages": []}
+    winner = search.halving(cfg, [lite0, lite2], split, sp, Budget(3600, lambda: 0.0), record, Runners(run))
+    assert [s["name"] for s in record["stages"]] == ["pilots", "survivors"]
+    assert winner is (lite2 if lite2_score > 0.84 else lite0)
+    assert ("tie_break" in record) == (winner is lite2)

@@ -35,7 +35,7 @@ def preview(cfg, *, speed: Speed | None = None) -> dict:
     candidates = affordable(everything, speed, profile, budget.left() * SAFETY)
     k = fold_count(split)
     first = folds(split, cfg.seed, k)[0]
-    search_seconds = search_share(speed, split, budget.seconds) * budget.left()
+    search_seconds = search_share(speed, split, budget.seconds, candidates) * budget.left()
     piloted, subs, cost = plan_pilots(candidates, first, speed, profile.classes, search_seconds, cfg.seed)
     # frozen passes run once for the pilots that share them (shared_pass.py); each pilot reads the cache
     will = {k: set(v) for k, v in speed.extracted.items()}
