@@ -120,6 +120,10 @@ def test_the_loop_stops_the_cut_epoch_after_its_batches(tiny_split, tmp_path, mo
     per_epoch = len(steps) - 3
     assert per_epoch > 3 and [m["epoch"] for m in r.metrics] == [1, 2]
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and lrs[per_epoch] > 0
+    # results.json counts the cut epoch as its share of batches
+    assert r.results.epochs_run == 2 and r.results.epochs_trained == pytest.approx(
+        1 + 3 / per_epoch, abs=1e-4
+    )
 
 
 def test_the_first_epoch_stretches_the_run_where_the_deadline_leaves_time_up_to_the_plans_most(monkeypatch):

@@ -123,6 +123,7 @@ def _one_run(data, out: Path, backbone: str, strategy: str, epochs: int | None, 
         return row | {"status": f"failed ({type(e).__name__}: {e})"}
     wall = time.perf_counter() - t0
     epochs_run = int(r.epochs_run or 1)
+    trained = float(r.epochs_trained or epochs_run)  # a part epoch the budget cut counts as its share
     return row | dict(
         status="ok",
         val_accuracy=round(float(r.val_accuracy), 4),
@@ -131,7 +132,7 @@ def _one_run(data, out: Path, backbone: str, strategy: str, epochs: int | None, 
         epochs=epochs_run,
         wall_seconds=round(wall, 1),
         # training throughput: images passed through the trained part per wall second
-        images_per_second=round(int(r.num_train) * epochs_run / max(wall, 1e-9), 1),
+        images_per_second=round(int(r.num_train) * trained / max(wall, 1e-9), 1),
     )
 
 

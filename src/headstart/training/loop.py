@@ -103,6 +103,7 @@ def fit(run: Run, inputs: Inputs) -> Fitted:
         state.bad_files,
         state.resumes,
         val_confusion=best.get("confusion"),  # checkpoints of older versions lack it
+        epochs_trained=round(state.trained(), 4),
     )
 
 
@@ -258,6 +259,13 @@ class LoopState:
         if self.last_batches:
             return self.last_epoch - 1 + self.last_batches / self.steps_per_epoch
         return float(self.last_epoch)
+
+    def trained(self) -> float:
+        """Epochs trained so far: the last one as its share of batches where the budget cut it short."""
+        rows = self.metrics
+        if self.last_batches and rows and rows[-1]["epoch"] == self.last_epoch:
+            return len(rows) - 1 + self.last_batches / self.steps_per_epoch
+        return float(len(rows))
 
     def cut_short(self, epoch: int, batches: int) -> bool:
         """True after the last of the batches a budget leaves to the last epoch."""

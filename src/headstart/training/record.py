@@ -35,6 +35,10 @@ class RunResults:
         "`--class-weights balanced`; the last with `--keep-epoch last`)"
     )
     epochs_run: int | None = _f(doc="epochs trained (fewer than --epochs after an early stop)")
+    epochs_trained: float | None = _f(
+        doc="epochs trained, a last epoch that a --budget cut short counting as its share of batches "
+        "(4.69: 69 % of the fifth)"
+    )
     train_seconds: float | None = _f(doc="wall time of the whole run")
     extract_seconds: float | None = _f(doc="time spent computing features or cached prefix maps")
     head_train_seconds: float | None = _f(doc="time spent fitting the head on cached features")

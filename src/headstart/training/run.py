@@ -123,6 +123,7 @@ def finish(run: Run, inputs: Inputs, fitted: Fitted) -> TrainResult:
         val_confusion=fitted.val_confusion if len(run.split.classes) <= 100 else None,
         best_epoch=fitted.best_epoch,
         epochs_run=len(fitted.metrics),
+        epochs_trained=len(fitted.metrics) if fitted.epochs_trained is None else fitted.epochs_trained,
         train_seconds=round(time.perf_counter() - run.started, 3),
         extract_seconds=round(inputs.seconds, 3),
         **{run.strategy.seconds_key: round(fitted.seconds, 3)},

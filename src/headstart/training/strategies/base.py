@@ -50,6 +50,7 @@ class Fitted:
     resumes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # strategy-specific results.json entries
     val_confusion: list[list[int]] | None = None  # of the kept weights; rows true, columns predicted
+    epochs_trained: float | None = None  # a last epoch the budget cut short counts as its share
 
 
 class Strategy(ABC):
