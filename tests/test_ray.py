@@ -45,6 +45,12 @@ def test_ray_predictor_is_picklable_and_handles_all_input_columns(hymenoptera_ru
     np.testing.assert_allclose(by_path["probability"], [r.probability for r in ref], atol=1e-5)
     assert by_bytes["label"][4] == "" and "UnidentifiedImageError" in by_bytes["error"][4]
     assert np.isnan(by_bytes["probabilities"][4]).all() and by_bytes["probabilities"].shape == (5, 2)
+    # other test-time views than the run's, as `predict --tta` gives them; they survive pickling
+    flip = pickle.loads(pickle.dumps(RayPredictor(hymenoptera_run, tta="hflip")))
+    assert flip.predictor.tta == "hflip" != pred.predictor.tta
+    mirrored = headstart.load(hymenoptera_run, device="cpu", tta="hflip").predict(val, num_workers=0)
+    np.testing.assert_allclose(flip({"path": np.array(val, dtype=object)})["probability"],
+                               [r.probability for r in mirrored], atol=1e-5)  # fmt: skip
 
 
 @pytest.mark.slow

@@ -122,6 +122,44 @@ def test_a_calibrated_run_answers_with_its_set_and_unknown(run, tmp_path):
     assert blue["label"] in ("red", "green")  # the closest class stays, flagged
 
 
+def test_the_onnx_engine_serves_the_exported_graph_with_the_torch_engines_answers(run, tmp_path, monkeypatch):
+    """`serve --engine onnx` on a calibrated, exported run: the graph answers (its session runs),
+    and every answer (label, probabilities, prediction set, unknown, OOD score) matches the torch
+    engine's."""
+    pytest.importorskip("onnxruntime")
+    from headstart.deploy.export import export
+    from headstart.inference.onnx import OnnxPredictor
+    from headstart.insight.calibrate import calibrate
+
+    sessions = []
+    real_run = OnnxPredictor._run
+    monkeypatch.setattr(OnnxPredictor, "_run", lambda self, *a: sessions.append(1) or real_run(self, *a))
+
+    cal = tmp_path / "run"
+    shutil.copytree(run, cal)
+    calibrate(cal, device="cpu", num_workers=0, coverage=0.75, accept=0.75)
+    export(cal, format="onnx")
+    files = [
+        ("files", (f"{i}.png", png(c), "image/png")) for i, c in enumerate(((220, 30, 30), (30, 40, 220)))
+    ]
+    answers = {}
+    for engine in ("torch", "onnx"):
+        with TestClient(create_app(cal, ServeConfig(max_wait_ms=1, engine=engine))) as c:
+            assert ready(c).get("/v1/model").json()["engine"] == engine
+            r = c.post("/v1/predict?top_k=2", files=files)
+            assert r.status_code == 200, r.text
+            answers[engine] = r.json()["predictions"]
+            assert bool(sessions) == (engine == "onnx")
+    for t, o in zip(answers["torch"], answers["onnx"], strict=True):
+        assert (o["label"], o["set"], o["unknown"]) == (t["label"], t["set"], t["unknown"])
+        assert [x["label"] for x in o["top"]] == [x["label"] for x in t["top"]]
+        assert [x["probability"] for x in o["top"]] == pytest.approx(
+            [x["probability"] for x in t["top"]], abs=1e-4
+        )
+        assert o["ood_score"] == pytest.approx(t["ood_score"], rel=1e-3, abs=1e-3)
+    assert [p["unknown"] for p in answers["onnx"]] == [False, True]  # the blue one is a stranger
+
+
 @pytest.mark.parametrize(
     ("body", "kind", "status", "code"),
     [

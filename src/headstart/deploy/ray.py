@@ -71,7 +71,8 @@ class _Rebuilt:
 
 
 class RayPredictor(_Rebuilt):
-    """Labels and probabilities for a Ray Data batch; engine 'torch' (run folder) or 'onnx'."""
+    """Labels and probabilities for a Ray Data batch; engine 'torch' (run folder) or 'onnx'; `tta`
+    overrides the trained test-time views (torch engine), as `predict --tta` does."""
 
     def __init__(
         self,
@@ -80,9 +81,10 @@ class RayPredictor(_Rebuilt):
         engine: str = "torch",
         device: str = "auto",
         threads: int | None = None,
+        tta: str | None = None,
     ):
-        self._kwargs = dict(run_dir=run_dir, engine=engine, device=device, threads=threads)
-        self.predictor = open_predictor(run_dir, engine=engine, device=device, threads=threads)
+        self._kwargs = dict(run_dir=run_dir, engine=engine, device=device, threads=threads, tta=tta)
+        self.predictor = open_predictor(run_dir, engine=engine, device=device, threads=threads, tta=tta)
         self.classes = np.asarray(self.predictor.classes, dtype=object)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
