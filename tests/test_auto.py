@@ -12,7 +12,7 @@ import pytest
 import headstart
 from headstart.core.errors import ConfigError
 from headstart.data.layout import DataSplit, resolve_data
-from headstart.training.auto import search
+from headstart.training.auto import scoring, search
 from headstart.training.auto.budget import Budget, parse_duration
 from headstart.training.auto.candidates import BASE, REFERENCE, Candidate, grid, learn, seconds, sizes_for
 from headstart.training.auto.costs import predict
@@ -588,11 +588,11 @@ def test_pilots_within_noise_of_the_last_survivor_go_on_too():
     half of all: 2 groups at 0.7148 behind 1 group at 0.7185, on 265 held-out images, is noise."""
     scores = [0.7296, 0.7185, 0.7148, 0.7074, 0.7037, 0.7037, 0.6704, 0.5852]
     ranked = [Candidate(f"c{i}", "features", {}, 224, scores=[{"score": s}]) for i, s in enumerate(scores)]
-    noisy = search.survivors(ranked, 265)  # one standard error: 2.8 points
+    noisy = scoring.survivors(ranked, 265)  # one standard error: 2.8 points
     assert [c.name for c in noisy] == ["c0", "c1", "c2", "c3"]  # half of 8; c4, c5 were close too
-    exact = search.survivors(ranked, 1_000_000)  # no noise: the best third
+    exact = scoring.survivors(ranked, 1_000_000)  # no noise: the best third
     assert [c.name for c in exact] == ["c0", "c1"]
-    assert [c.name for c in search.survivors(ranked[:2], 10)] == ["c0", "c1"]
+    assert [c.name for c in scoring.survivors(ranked[:2], 10)] == ["c0", "c1"]
 
 
 def test_the_search_gives_way_where_the_fine_tunings_final_runs_would_be_starved():
@@ -632,18 +632,18 @@ def test_within_noise_of_the_best_the_larger_backbone_trains():
     ranked = _ranked((BASE, "prefix", 0.8525), (lite2, "prefix", 0.851), (lite1, "prefix", 0.8495),
                      (BASE, "prefix", 0.837))  # fmt: skip
     record: dict = {}
-    assert search.larger_within_noise(ranked, 2000, None, record) is ranked[1]
+    assert scoring.larger_within_noise(ranked, 2000, None, record) is ranked[1]
     assert record["tie_break"]["within_noise"] == [c.name for c in ranked[:3]]
     assert record["tie_break"]["ranked_first"] == ranked[0].name and record["tie_break"]["noise"] == 0.0079
     # no noise to speak of: the best score trains, and nothing is recorded
     record = {}
-    assert search.larger_within_noise(ranked, 10_000_000, None, record) is ranked[0] and not record
+    assert scoring.larger_within_noise(ranked, 10_000_000, None, record) is ranked[0] and not record
     # lite2 3 points behind, lite1 features tied but of another kind: lite0 trains
     far = _ranked((BASE, "prefix", 0.85), (lite1, "features", 0.849), (lite2, "prefix", 0.82))
-    assert search.larger_within_noise(far, 2000, None, {}) is far[0]
+    assert scoring.larger_within_noise(far, 2000, None, {}) is far[0]
     # two candidates of the largest backbone tied: the better ranked of them
     two = _ranked((BASE, "prefix", 0.85), (lite1, "prefix", 0.849), (lite1, "prefix", 0.848))
-    assert search.larger_within_noise(two, 2000, None, {}) is two[1]
+    assert scoring.larger_within_noise(two, 2000, None, {}) is two[1]
 
 
 @pytest.mark.parametrize("lite2_score", [0.851, 0.80])

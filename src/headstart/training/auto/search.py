@@ -14,8 +14,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from headstart.core import logs
 from headstart.core.errors import ConfigError
 from headstart.data.layout import DataSplit, resolve_data
@@ -39,7 +37,13 @@ from headstart.training.auto.costs import (
 )
 from headstart.training.auto.pilots import Runners, run_stage
 from headstart.training.auto.profile import DataProfile, Speed, measure, seconds_per_rate
-from headstart.training.auto.scoring import rank_key, score_of, selection_metric
+from headstart.training.auto.scoring import (
+    larger_within_noise,
+    rank_key,
+    score_of,
+    selection_metric,
+    survivors,
+)
 from headstart.training.auto.splits import fold_count, folds, sample, stage_subsets
 
 SEARCH_SHARE = 0.45  # of the budget left after measuring: pilots and the second stage together
@@ -250,41 +254,6 @@ def halving(
     if part_only and survived is not None:
         winner = _second_look(cfg, winner, candidates, *survived, split, speed, budget, record, runners)
     return winner
-
-
-def survivors(ranked: list[Candidate], held_out: int) -> list[Candidate]:
-    """The pilots that go on: the best third (two at least), and those within one standard error
-    (on `held_out` images) of the last of them, up to half of all. On 5,000 CIFAR-10 images, 10m,
-    pilots on 530 scored 1 group on cached maps 0.7185 and 2 groups 0.7148, 2.8 points of noise
-    apart: 1 group went on, 2 did not, and 1 group's final run scored 0.804 where 2 groups' had
-    scored 0.845-0.849."""
-    keep = max(2, len(ranked) // 3)
-    if len(ranked) <= keep:
-        return ranked
-    last = score_of(ranked[keep - 1].scores[-1]) or 0.0
-    noise = float(np.sqrt(last * (1 - last) / max(1, held_out)))
-    close = [c for c in ranked[keep:] if (score_of(c.scores[-1]) or 0.0) >= last - noise]
-    return ranked[:keep] + close[: max(0, len(ranked) // 2 - keep)]
-
-
-def larger_within_noise(ranked: list[Candidate], held_out: int, only: int | None, record: dict) -> Candidate:
-    """The last stage's winner: of the recipes of the best one's kind that score within one standard
-    error of it (on `held_out` images), the one of the largest embedded backbone (the best ranked of
-    those). The final run sees many more images than the stage did, and larger ImageNet models
-    transfer better (Kornblith et al. 2019). Full CIFAR-10, 60m: on 5,340 inner images lite0 0.8525,
-    lite2 0.8510 and lite1 0.8495 (one standard error 0.8 points); lite0's final run scored 0.9105,
-    lite1's in an earlier run with the same recipe 0.9163."""
-    top = ranked[0]
-    best = -rank_key(top, only)[0]
-    noise = float(np.sqrt(max(0.0, best * (1 - best)) / max(1, held_out)))
-    tied = [top] + [c for c in ranked[1:] if c.kind == top.kind and -rank_key(c, only)[0] >= best - noise]
-    chosen = max(tied, key=lambda c: LARGER.get(c.backbone, 0))  # max keeps the first of equals
-    if chosen is not top:
-        record["tie_break"] = {"within_noise": [c.name for c in tied], "noise": round(noise, 4),
-                               "chosen": chosen.name, "ranked_first": top.name}  # fmt: skip
-        logs.info(f"auto: {chosen.name} scores within noise ({noise:.3f}) of {top.name}, on a larger "
-                  "backbone: it trains")  # fmt: skip
-    return chosen
 
 
 def as_in_the_final(cands, base: int, parts: list[DataSplit], speed: Speed, split: DataSplit, left: float,
