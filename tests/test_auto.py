@@ -670,5 +670,6 @@ def test_the_search_trains_the_larger_backbone_where_the_survivors_tie(lite2_sco
     record = {"stages": []}
     winner = search.halving(cfg, [lite0, lite2], split, sp, Budget(3600, lambda: 0.0), record, Runners(run))
     assert [s["name"] for s in record["stages"]] == ["pilots", "survivors"]
+    assert record["search_share"] == search.search_share(sp, split, 3600, [lite0, lite2])
     assert winner is (lite2 if lite2_score > 0.84 else lite0)
     assert ("tie_break" in record) == (winner is lite2)

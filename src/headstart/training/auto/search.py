@@ -199,7 +199,8 @@ def halving(
     k = fold_count(split)
     parts = folds(split, cfg.seed, k)
     record["folds"] = k
-    search_budget = search_share(speed, split, budget.seconds, candidates) * budget.left()
+    record["search_share"] = share = search_share(speed, split, budget.seconds, candidates)
+    search_budget = share * budget.left()
     search_start = budget.clock()
     plan = [
         ("pilots", parts[:1], PILOT_EPOCHS),
