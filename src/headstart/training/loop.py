@@ -262,10 +262,8 @@ class LoopState:
 
     def trained(self) -> float:
         """Epochs trained so far: the last one as its share of batches where the budget cut it short."""
-        rows = self.metrics
-        if self.last_batches and rows and rows[-1]["epoch"] == self.last_epoch:
-            return len(rows) - 1 + self.last_batches / self.steps_per_epoch
-        return float(len(rows))
+        done = bool(self.metrics) and self.metrics[-1]["epoch"] == self.last_epoch
+        return self.planned_end() if done else float(len(self.metrics))
 
     def cut_short(self, epoch: int, batches: int) -> bool:
         """True after the last of the batches a budget leaves to the last epoch."""

@@ -42,6 +42,11 @@ def rank_key(c, last: int | None = None) -> tuple[float, float] | None:
     return (-float(np.mean([score_of(s) for s in scores])), float(np.mean([s["loss"] for s in scores])))
 
 
+def standard_error(accuracy: float, held_out: int) -> float:
+    """One standard error of an accuracy measured on `held_out` images (binomial)."""
+    return float(np.sqrt(max(0.0, accuracy * (1 - accuracy)) / max(1, held_out)))
+
+
 def survivors(ranked: list[Candidate], held_out: int) -> list[Candidate]:
     """The pilots that go on: the best third (two at least), and those within one standard error
     (on `held_out` images) of the last of them, up to half of all. On 5,000 CIFAR-10 images, 10m,
@@ -52,7 +57,7 @@ def survivors(ranked: list[Candidate], held_out: int) -> list[Candidate]:
     if len(ranked) <= keep:
         return ranked
     last = score_of(ranked[keep - 1].scores[-1]) or 0.0
-    noise = float(np.sqrt(last * (1 - last) / max(1, held_out)))
+    noise = standard_error(last, held_out)
     close = [c for c in ranked[keep:] if (score_of(c.scores[-1]) or 0.0) >= last - noise]
     return ranked[:keep] + close[: max(0, len(ranked) // 2 - keep)]
 
@@ -66,7 +71,7 @@ def larger_within_noise(ranked: list[Candidate], held_out: int, only: int | None
     lite1's in an earlier run with the same recipe 0.9163."""
     top = ranked[0]
     best = -rank_key(top, only)[0]
-    noise = float(np.sqrt(max(0.0, best * (1 - best)) / max(1, held_out)))
+    noise = standard_error(best, held_out)
     tied = [top] + [c for c in ranked[1:] if c.kind == top.kind and -rank_key(c, only)[0] >= best - noise]
     chosen = max(tied, key=lambda c: LARGER.get(c.backbone, 0))  # max keeps the first of equals
     if chosen is not top:
